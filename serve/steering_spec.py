@@ -1,0 +1,129 @@
+"""Per-request steering and capture specs: validated in the driver, carried to the worker in `extra_args`.
+
+Only plain JSON values cross the process boundary (vLLM serialises `SamplingParams.extra_args` with msgspec);
+the worker rebuilds its tensors from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EXTRA_ARGS_KEY = "sae_serve"
+
+SteeringOp = Literal["add", "clamp", "mul", "h_bias"]
+Positions = Literal["all", "prompt", "generated"]
+
+
+class SteeringEntry(BaseModel):
+    """One intervention on one SAE feature (DESIGN.md A gives the semantics of each op)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    sae: str = Field(min_length=1, description="Id of a loaded SAE.")
+    feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
+    value: float = Field(description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias.")
+    op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias.")
+    positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
+
+
+class CaptureSpec(BaseModel):
+    """Which feature activations to record per token."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    saes: list[str] = Field(min_length=1, description="SAE ids to capture at.")
+    top_k: int = Field(default=16, ge=0, le=256, description="Top features (index, value) recorded per token and SAE.")
+    features: dict[str, list[int]] = Field(
+        default_factory=dict, description="Per SAE id, feature indices whose values are recorded for every token."
+    )
+    include_generated: bool = Field(default=False, description="Also record generated tokens, not only the prompt.")
+
+    @field_validator("features")
+    @classmethod
+    def _features_non_negative(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for sae_id, idx in v.items():
+            if any(i < 0 for i in idx):
+                raise ValueError(f"features[{sae_id!r}] has a negative index")
+        return v
+
+
+@dataclass(frozen=True)
+class SAEMeta:
+    """What the driver knows of a loaded SAE, enough to validate specs without touching tensors."""
+
+    sae_id: str
+    hook_point: str
+    d_in: int
+    d_sae: int
+    architecture: str
+    version: str
+
+
+class SpecError(ValueError):
+    """A steering/capture spec that cannot run; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def validate_steering(entries: list[SteeringEntry], saes: dict[str, SAEMeta], max_abs_value: float) -> None:
+    for i, e in enumerate(entries):
+        meta = saes.get(e.sae)
+        if meta is None:
+            known = ", ".join(sorted(saes)) or "none loaded"
+            raise SpecError(f"steering[{i}].sae: unknown SAE {e.sae!r} (loaded: {known})", f"steering[{i}].sae")
+        if e.feature >= meta.d_sae:
+            raise SpecError(
+                f"steering[{i}].feature: {e.feature} out of range for SAE {e.sae!r} with {meta.d_sae} features",
+                f"steering[{i}].feature",
+            )
+        if not math.isfinite(e.value) or abs(e.value) > max_abs_value:
+            raise SpecError(f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value")
+
+
+def validate_capture(spec: CaptureSpec, saes: dict[str, SAEMeta]) -> None:
+    for i, sae_id in enumerate(spec.saes):
+        if sae_id not in saes:
+            known = ", ".join(sorted(saes)) or "none loaded"
+            raise SpecError(f"saes[{i}]: unknown SAE {sae_id!r} (loaded: {known})", f"saes[{i}]")
+    for sae_id, idx in spec.features.items():
+        if sae_id not in spec.saes:
+            raise SpecError(f"features: SAE {sae_id!r} is not among the captured saes", "features")
+        bad = [i for i in idx if i >= saes[sae_id].d_sae]
+        if bad:
+            raise SpecError(
+                f"features[{sae_id!r}]: indices {bad} out of range ({saes[sae_id].d_sae} features)", "features"
+            )
+
+
+def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) -> str | None:
+    """Prefix-cache salt: equal specs (on equal SAE versions) share KV blocks, different specs never do."""
+    if not entries:
+        return None
+    canon = sorted(
+        (e.sae, saes[e.sae].version, e.feature, e.op, repr(float(e.value)), e.positions) for e in entries
+    )
+    return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
+
+
+def to_extra_args(entries: list[SteeringEntry], capture: CaptureSpec | None, capture_id: str | None) -> dict:
+    """The msgspec-serialisable form the worker reads back in `steering_runtime.RequestPlan.from_extra_args`."""
+    out: dict = {}
+    if entries:
+        out["steer"] = [[e.sae, e.feature, e.op, float(e.value), e.positions] for e in entries]
+    if capture is not None:
+        out["capture"] = {
+            "id": capture_id,
+            "saes": list(capture.saes),
+            "top_k": capture.top_k,
+            "features": {k: list(v) for k, v in capture.features.items()},
+            "include_generated": capture.include_generated,
+        }
+    return {EXTRA_ARGS_KEY: out} if out else {}
