@@ -104,11 +104,14 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def folded_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [d_in, d_sae], b [d_sae]) with pre_acts(x) == x @ W + b."""
-        W = self.W_enc * self.cfg.input_scale
-        b = self.b_enc.clone()
+        # at least float32, so that a bf16 SAE's folded bias is not rounded twice
+        acc = torch.promote_types(self.W_enc.dtype, torch.float32)
+        W_enc = self.W_enc.to(acc)
+        W = W_enc * self.cfg.input_scale
+        b = self.b_enc.to(acc)
         if self.cfg.b_dec_in_encoder:
-            b = b - self.b_dec @ self.W_enc
-        return W, b
+            b = b - self.b_dec.to(acc) @ W_enc
+        return W.to(self.W_enc.dtype), b.to(self.W_enc.dtype)
 
     def extra_repr(self) -> str:
         c = self.cfg

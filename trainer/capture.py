@@ -25,12 +25,12 @@ class _StopForward(Exception):
     """Raised from the hook so layers past the hook point are never computed."""
 
 
-def load_language_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a local transformers folder, float32, eval mode, no gradients."""
+def load_language_model(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) from a local transformers folder, in eval mode without gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype])
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 
@@ -98,8 +98,8 @@ def cache_key(cfg: TrainerConfig) -> str:
         "model": str(cfg.model_path.resolve()),
         "hook_point": cfg.sae.hook_point,
         "data": [d.format, d.paths, d.hf_builder, d.hf_split, d.text_field, d.fortune_exclude, d.max_documents,
-                 d.context_size, d.prepend_bos, d.exclude_special_tokens, d.contexts_per_chunk, d.eval_fraction,
-                 d.cache_dtype],
+                 d.context_size, d.prepend_bos, d.exclude_special_tokens, d.contexts_per_chunk,
+                 d.cache_dtype, d.capture_dtype],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -157,7 +157,7 @@ class ChunkSource:
     def capture(self, chunk: int) -> torch.Tensor:
         """Run the model over one chunk's contexts; drops excluded positions."""
         if self._capture is None:
-            model, _ = load_language_model(self.cfg.model_path, self.device)
+            model, _ = load_language_model(self.cfg.model_path, self.device, self.cfg.data.capture_dtype)
             self._capture = HookedCapture(model, self.cfg.sae.hook_point)
         tokens = self.corpus.chunk_tokens(chunk)  # [n, T]
         keep = self.corpus.keep_mask(tokens, self.cfg.data.exclude_special_tokens)  # [n, T]

@@ -11,6 +11,7 @@ files {config, weights, feature_stats, plots, metrics}, config (the full trainer
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import time
 from typing import Any
 
@@ -49,10 +50,10 @@ def build_card(
     evaluation: EvalResult | None,
     files: dict[str, Any],
 ) -> dict[str, Any]:
-    """Assemble card.json's content."""
+    """Assemble card.json's content (non-finite numbers become null, so the file is strict JSON)."""
     c = sae.cfg
     dead = state.tokens_since_fired >= cfg.optim.dead_after_tokens
-    return {
+    return _finite({
         "format": FORMAT,
         "sae_id": sae_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -87,4 +88,14 @@ def build_card(
         "activation_stats": state.init_stats.summary(),
         "files": files,
         "config": cfg.to_dict(),
-    }
+    })
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -113,7 +113,8 @@ def evaluate(
         "ce_sae": ce["sae"],
         "ce_zero": ce["zero"],
         "ce_delta": ce["sae"] - ce["clean"],
-        "loss_recovered": (ce["zero"] - ce["sae"]) / gap if gap > 0 else float("nan"),
+        # None when zeroing the hook point does not hurt (an untrained model): there is no loss to recover.
+        "loss_recovered": (ce["zero"] - ce["sae"]) / gap if gap > 0 else None,
     }
     W_U = model.get_output_embeddings().weight  # [vocab, d]
     lens = logit_lens(sae.W_dec, W_U, cfg.logit_lens_tokens)

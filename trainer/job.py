@@ -114,7 +114,7 @@ def finalize(cfg: TrainerConfig, checkpoint: Path) -> tuple[Path, dict[str, Any]
         files["plots"].append(plot_density_histogram(result.histogram, final / "feature_density.png").name)
     sae_id = cfg.publish.sae_id or cfg.run.name
     card = build_card(cfg, sae_id, sae, state, corpus, records[-1] if records else {}, result, files)
-    (final / "card.json").write_text(json.dumps(card, indent=2))
+    (final / "card.json").write_text(json.dumps(card, indent=2, allow_nan=False))
     return final, card
 
 

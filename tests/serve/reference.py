@@ -1,0 +1,89 @@
+"""Reference steering/capture on a plain transformers forward, written from DESIGN.md A's definitions.
+
+Deliberately independent of `serve.steering_runtime`: every op is expressed as an edit of the SAE code f,
+delta = decode(f') - decode(f), with f' = f + v·e_i (add), f_i := v (clamp), f_i := m·f_i (mul), or
+f' = act(pre + v·e_i) (h_bias).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from sae import HookPoint, SparseAutoencoder, hf_module_and_output
+from serve.steering_spec import SteeringEntry
+
+
+def _edited_code(sae: SparseAutoencoder, x: torch.Tensor, entries: list[SteeringEntry]) -> torch.Tensor:
+    pre = sae.pre_acts(x)
+    f = sae.activate(pre)
+    bias = torch.zeros_like(pre)
+    for e in entries:
+        if e.op == "h_bias":
+            bias[..., e.feature] += e.value
+    f_new = sae.activate(pre + bias)
+    for e in entries:
+        if e.op == "add":
+            f_new[..., e.feature] += e.value
+        elif e.op == "clamp":
+            f_new[..., e.feature] += e.value - f[..., e.feature]
+        elif e.op == "mul":
+            f_new[..., e.feature] += (e.value - 1.0) * f[..., e.feature]
+    return sae.decode(f_new) - sae.decode(f)
+
+
+def _position_mask(entry: SteeringEntry, seq_len: int, prompt_len: int) -> torch.Tensor:  # [T, 1]
+    pos = torch.arange(seq_len).unsqueeze(1)
+    if entry.positions == "prompt":
+        return (pos < prompt_len).float()
+    if entry.positions == "generated":
+        return (pos >= prompt_len).float()
+    return torch.ones(seq_len, 1)
+
+
+@contextmanager
+def steered(model, saes: dict[str, SparseAutoencoder], entries: list[SteeringEntry], prompt_len: int, record=None):
+    """Hook `model` so a forward over one sequence [1, T] is steered; `record[sae_id]` gets the steered activation."""
+    handles = []
+    hps = {sid: HookPoint.parse(s.cfg.hook_point) for sid, s in saes.items()}
+    for sid, sae in saes.items():
+        mine = [e for e in entries if e.sae == sid]
+        module, get = hf_module_and_output(model, hps[sid])
+
+        def hook(_mod, _inp, output, sae=sae, mine=mine, get=get, sid=sid):
+            x = get(output)  # [1, T, d]
+            delta = torch.zeros_like(x)
+            # Edits are linear in f, so entries add up (tests use at most one h_bias entry per SAE).
+            for e in mine:
+                delta += _edited_code(sae, x, [e]) * _position_mask(e, x.shape[1], prompt_len)
+            y = x + delta
+            if record is not None:
+                record[sid] = y.detach()
+            if isinstance(output, tuple):
+                return (y,) + tuple(output[1:])
+            return y
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def prompt_logprobs(model, token_ids: list[int]) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t >= 1, shape [T-1]."""
+    ids = torch.tensor([token_ids])
+    logits = model(ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def greedy(model, token_ids: list[int], max_tokens: int) -> list[int]:
+    ids = list(token_ids)
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(token_ids) :]

