@@ -145,11 +145,11 @@ async def test_mixed_batch_matches_runs_alone(engine):
     f10, _ = await top_feature(engine, "t10")
     specs = [
         [],
-        [SteeringEntry(sae="r15", feature=f15, value=8.0)],
+        [SteeringEntry(sae="r15", feature=f15, value=80.0)],
         [],
-        [SteeringEntry(sae="t10", feature=f10, value=10.0, op="clamp"), SteeringEntry(sae="j5m", feature=3, value=5.0)],
-        [SteeringEntry(sae="r15", feature=f15 + 1, value=-6.0, op="add", positions="generated")],
-        [SteeringEntry(sae="t10", feature=f10, value=5.0, op="h_bias")],
+        [SteeringEntry(sae="t10", feature=f10, value=100.0, op="clamp"), SteeringEntry(sae="j5m", feature=3, value=50.0)],
+        [SteeringEntry(sae="r15", feature=f15 + 1, value=-80.0, op="add", positions="generated")],
+        [SteeringEntry(sae="t10", feature=f10, value=100.0, op="h_bias")],
     ]
     # Different lengths make requests finish at different steps, so the batch reorders under them.
     samplings = [Sampling(max_tokens=4 + 3 * i, temperature=0.0) for i in range(len(prompts))]
@@ -201,9 +201,9 @@ async def test_zero_spec_leaves_output_unchanged(engine):
 async def test_steered_kv_never_reaches_unsteered_requests(engine):
     prompt = "In a quiet village by the mountains there lived an old clockmaker who " * 3
     sampling = Sampling(max_tokens=10, temperature=0.0)
-    base, _, _, _ = await run(engine, prompt)
+    base, _, _, _ = await run(engine, prompt, [], sampling)
     f15, _ = await top_feature(engine, "r15", prompt)
-    spec = [SteeringEntry(sae="r15", feature=f15, value=40.0, positions="prompt")]
+    spec = [SteeringEntry(sae="r15", feature=f15, value=100.0, positions="prompt")]
     steered, _, _, _ = await run(engine, prompt, spec, sampling)
     assert steered != base
     after, _, _, _ = await run(engine, prompt, [], sampling)
@@ -244,7 +244,7 @@ async def test_hot_load_validates_and_unloads(engine, tmp_path):
     assert meta.hook_point == "blocks.12.resid_post" and meta.d_sae == 512
     feature = (await top_feature(engine, "new"))[0]
     plain, _, _, _ = await run(engine, PROMPT)
-    steered, _, _, _ = await run(engine, PROMPT, [SteeringEntry(sae="new", feature=feature, value=30.0)])
+    steered, _, _, _ = await run(engine, PROMPT, [SteeringEntry(sae="new", feature=feature, value=150.0)])
     assert steered != plain
     await engine.unload_sae("new")
     with pytest.raises(SpecError):
