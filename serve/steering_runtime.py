@@ -231,7 +231,7 @@ class SteeringRuntime:
         state = self.runner.requests.get(req_id)
         if state is None or state.sampling_params is None:
             return None
-        if len(self._plans) > 4 * max(64, len(self.runner.requests)):
+        if len(self._plans) >= len(self.runner.requests):
             self._forget_finished()
         return RequestPlan.from_extra_args(state.sampling_params.extra_args, state.num_prompt_tokens, self.saes)
 
