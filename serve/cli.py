@@ -76,8 +76,49 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# sae-serve up
 
-COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [add_model_commands]
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve" / "config.yaml"
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serve.launcher import service_config, up
+
+    try:
+        config = service_config(args.config, args.host, args.port)
+    except (ValidationError, ValueError, OSError) as e:
+        print(f"sae-serve up: error: {e}", file=sys.stderr)
+        return 2
+    return up(config, args.address, args.num_cpus)
+
+
+def add_up_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``sae-serve up``."""
+    up = subparsers.add_parser(
+        "up",
+        help="serve the model: OpenAI-compatible API with SAE steering on Ray Serve (blocks until Ctrl-C)",
+        description=(
+            "Start a local single-node Ray bound to 127.0.0.1 (or join --address) and run the sae-serve "
+            "application described by a Ray Serve config whose application args hold the ServiceConfig. "
+            "Without API keys it only listens on 127.0.0.1."
+        ),
+    )
+    up.add_argument("--config", type=Path, default=DEFAULT_SERVE_CONFIG,
+                    help="serve config YAML (default: deploy/serve/config.yaml)")
+    up.add_argument("--address", default=None, help="join this existing Ray cluster instead of starting one")
+    up.add_argument("--host", default=None, help="HTTP bind address (default: the config's host, 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's port, 8000)")
+    up.add_argument("--num-cpus", type=int, default=None,
+                    help="logical CPUs of the local Ray node (default: all cores, at least 2)")
+    up.set_defaults(func=_cmd_up)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [add_model_commands, add_up_command]
 """Registrars of the top-level command groups, in help order."""
 
 

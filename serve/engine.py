@@ -129,6 +129,11 @@ class SAEEngine:
     def tokenizer(self):
         return self._llm.get_tokenizer()
 
+    @property
+    def running(self) -> bool:
+        """False once shut down or once vLLM's engine core died (a cheap probe for Ray Serve's health check)."""
+        return self._llm is not None and not self._llm.errored
+
     def _check_running(self) -> None:
         if self._llm is None or self._llm.errored:
             raise EngineNotReady("the engine is not running")

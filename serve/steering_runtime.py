@@ -211,7 +211,7 @@ class SteeringRuntime:
             return
         qsl = self.runner.query_start_loc.np[: num_reqs + 1]
         n = positions.shape[0]
-        pos = positions[:n].to(torch.long)
+        pos = positions[:n].to("cpu", torch.long)  # row bookkeeping stays on the host
         sites: dict[int, _SitePlan] = {}
         steer_rows: dict[tuple[int, str], list] = {}
         for i, plan in active:

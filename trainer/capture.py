@@ -1,4 +1,4 @@
-"""Activation capture: run the transformers model to the hook point and collect activations per chunk, optionally cached."""
+"""Activation capture: run the transformers model up to the hook point, collect activations per chunk, cache them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ from .config import TrainerConfig
 from .data import ChunkPlan, SpecialTokens, iter_documents, tokenize_contexts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inlier_mask(norms: torch.Tensor, factor: float | None) -> torch.Tensor:
+    """Bool mask of activations to keep: norm at most factor times the median norm (all when factor is None).
+
+    At the first position after BOS, and at BOS itself, SmolLM2's residual stream sometimes reaches ~100x the
+    typical norm (attention sinks); one such token outweighs a whole batch in a squared-error loss.
+    """
+    if factor is None or norms.numel() == 0:
+        return torch.ones_like(norms, dtype=torch.bool)
+    return norms <= factor * norms.median()
 
 
 class _StopForward(Exception):
@@ -132,7 +143,7 @@ def load_corpus(cfg: TrainerConfig, tokenizer) -> Corpus:
 
 
 class ChunkSource:
-    """Activations [n_kept_tokens, d_model] float32 per chunk: from the on-disk cache, else from the model."""
+    """Activations [n_kept, d_model] float32 per chunk (special tokens and norm outliers dropped), cached on disk."""
 
     def __init__(self, cfg: TrainerConfig, corpus: Corpus, device: str | torch.device = "cpu"):
         self.cfg = cfg
@@ -148,14 +159,16 @@ class ChunkSource:
     def __call__(self, chunk: int) -> torch.Tensor:
         path = self.chunk_file(chunk)
         if path is not None and path.exists():
-            return load_file(str(path))["acts"].float()
-        acts = self.capture(chunk)
-        if path is not None:
-            _atomic_save({"acts": acts.to(_DTYPES[self.cfg.data.cache_dtype])}, path)
-        return acts
+            acts = load_file(str(path))["acts"].float()
+        else:
+            acts = self.capture(chunk)
+            if path is not None:
+                _atomic_save({"acts": acts.to(_DTYPES[self.cfg.data.cache_dtype])}, path)
+        # Filtering after the cache keeps cached chunks valid for any outlier setting.
+        return acts[inlier_mask(acts.norm(dim=-1), self.cfg.data.outlier_norm_factor)]
 
     def capture(self, chunk: int) -> torch.Tensor:
-        """Run the model over one chunk's contexts; drops excluded positions."""
+        """Run the model over one chunk's contexts; drops special-token positions."""
         if self._capture is None:
             model, _ = load_language_model(self.cfg.model_path, self.device, self.cfg.data.capture_dtype)
             self._capture = HookedCapture(model, self.cfg.sae.hook_point)

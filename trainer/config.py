@@ -40,6 +40,8 @@ class DataConfig:
     """Start every context with the tokenizer's BOS token, as the model saw in training."""
     exclude_special_tokens: bool = True
     """Drop activations at BOS/EOS/pad positions: their norms are outliers that dominate reconstruction loss."""
+    outlier_norm_factor: float | None = 10.0
+    """Drop activations with norm above this multiple of the median: attention-sink tokens (~100x) swamp the loss."""
     contexts_per_chunk: int = 32
     """Contexts per capture chunk: the unit of work sharding, caching and resumption."""
     eval_fraction: float = 0.05
@@ -286,6 +288,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    is_bool_for_int = hint is int and isinstance(value, bool)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not is_bool_for_int):
         return value
     raise TypeError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

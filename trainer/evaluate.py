@@ -1,7 +1,7 @@
 """End-of-training evaluation on held-out text: reconstruction, sparsity, downstream loss, feature statistics.
 
 - FVU = sum ||x - x̂||² / sum ||x - mean(x)||² and L0 over the held-out tokens the SAE was trained to read
-  (special tokens excluded as in training).
+  (special tokens and norm outliers excluded as in training).
 - Next-token cross-entropy with the model clean, with the SAE's reconstruction spliced in at the hook point,
   and with the hook point zeroed (same positions as the splice); loss recovered = (CE_zero - CE_sae) /
   (CE_zero - CE_clean), 1 being a perfect SAE.
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from sae import SparseAutoencoder, hf_module_and_output
 
-from .capture import Corpus
-from .config import EvalConfig
+from .capture import Corpus, inlier_mask
+from .config import DataConfig, EvalConfig
 from .feature_stats import FeatureAccumulator, TokenText, density_histogram, feature_records, logit_lens
 from .stats import RunningStats
 
@@ -51,7 +51,7 @@ def _with_output(output: Any, new: torch.Tensor) -> Any:
 
 @torch.no_grad()
 def evaluate(
-    sae: SparseAutoencoder, model: torch.nn.Module, tokenizer, corpus: Corpus, cfg: EvalConfig, exclude_special: bool
+    sae: SparseAutoencoder, model: torch.nn.Module, tokenizer, corpus: Corpus, cfg: EvalConfig, data: DataConfig
 ) -> EvalResult:
     """Run the three passes over held-out contexts and collect metrics and feature statistics."""
     sae = sae.eval()
@@ -59,11 +59,10 @@ def evaluate(
     module, extract = hf_module_and_output(model, sae.cfg.hook_point)
     acc = FeatureAccumulator(sae.cfg.d_sae, cfg.top_contexts)
     x_stats = RunningStats(sae.cfg.d_in)
-    sums = {"sq_err": 0.0, "l0": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "targets": 0}
+    sums = {"sq_err": 0.0, "l0": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "targets": 0, "outliers": 0}
     T = tokens.shape[1]
     for start in range(0, tokens.shape[0], cfg.batch_size):
         ids = tokens[start : start + cfg.batch_size].long()  # [b, T]
-        keep = corpus.keep_mask(ids, exclude_special)  # [b, T]
         seen: dict[str, torch.Tensor] = {}
         mode = {"value": "clean"}
 
@@ -72,11 +71,8 @@ def evaluate(
             if mode["value"] == "clean":
                 seen["x"] = x.float()
                 return None
-            if mode["value"] == "sae":
-                replacement = seen["x_hat"]
-            else:
-                replacement = torch.zeros_like(x)
-            return _with_output(output, torch.where(keep[..., None], replacement.to(x.dtype), x))
+            replacement = seen["x_hat"] if mode["value"] == "sae" else torch.zeros_like(x)
+            return _with_output(output, torch.where(seen["keep"][..., None], replacement.to(x.dtype), x))
 
         handle = module.register_forward_hook(hook)
         try:
@@ -86,8 +82,12 @@ def evaluate(
                 logits = model(input_ids=ids, use_cache=False).logits  # [b, T, vocab]
                 if name == "clean":
                     x = seen["x"]
+                    regular = corpus.keep_mask(ids, data.exclude_special_tokens)  # [b, T]
+                    keep = regular.clone()
+                    keep[regular] = inlier_mask(x[regular].norm(dim=-1), data.outlier_norm_factor)
+                    sums["outliers"] += int(regular.sum() - keep.sum())
                     f = sae.encode(x)  # [b, T, d_sae]
-                    seen["x_hat"] = sae.decode(f)
+                    seen["x_hat"], seen["keep"] = sae.decode(f), keep
                     _accumulate(sums, acc, x_stats, x, f, seen["x_hat"], keep, start * T)
                 losses[name] = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -105,6 +105,7 @@ def evaluate(
     metrics = {
         "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(x_stats.count),
+        "outlier_tokens": sums["outliers"],
         "fvu": sums["sq_err"] / (n * x_stats.total_variance),
         "mse": sums["sq_err"] / (n * sae.cfg.d_in),
         "l0": sums["l0"] / n,

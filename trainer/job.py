@@ -24,7 +24,9 @@ def resolve_paths(cfg: TrainerConfig) -> TrainerConfig:
     return dataclasses.replace(
         cfg,
         model=absolute(cfg.model),
-        data=dataclasses.replace(cfg.data, paths=[absolute(p) for p in cfg.data.paths], cache_dir=absolute(cfg.data.cache_dir)),
+        data=dataclasses.replace(
+            cfg.data, paths=[absolute(p) for p in cfg.data.paths], cache_dir=absolute(cfg.data.cache_dir)
+        ),
         run=dataclasses.replace(cfg.run, storage_path=absolute(cfg.run.storage_path)),
         publish=dataclasses.replace(cfg.publish, registry=absolute(cfg.publish.registry)),
     )
@@ -50,8 +52,8 @@ def _init_ray(cfg: TrainerConfig) -> bool:
     return True
 
 
-def fit(cfg: TrainerConfig) -> Path:
-    """Run the Ray Train job; returns the storage path of its latest checkpoint."""
+def fit(cfg: TrainerConfig):
+    """Run the Ray Train job; returns its latest `ray.train.Checkpoint`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -77,7 +79,7 @@ def fit(cfg: TrainerConfig) -> Path:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
-    return Path(result.checkpoint.path)
+    return result.checkpoint
 
 
 def finalize(cfg: TrainerConfig, checkpoint: Path) -> tuple[Path, dict[str, Any]]:
@@ -106,7 +108,7 @@ def finalize(cfg: TrainerConfig, checkpoint: Path) -> tuple[Path, dict[str, Any]
     corpus = load_corpus(cfg, tokenizer)
     result = None
     if cfg.eval.enabled:
-        result = evaluate(sae, model, tokenizer, corpus, cfg.eval, cfg.data.exclude_special_tokens)
+        result = evaluate(sae, model, tokenizer, corpus, cfg.eval, cfg.data)
         stats = {"format": FEATURES_FORMAT, "n_tokens": result.metrics["n_tokens"],
                  "window": [cfg.eval.window_before, cfg.eval.window_after], "features": result.features}
         (final / "feature_stats.json").write_text(json.dumps(stats))
@@ -133,7 +135,8 @@ def run_job(cfg: TrainerConfig) -> dict[str, Any]:
 
             ray.shutdown()
     fit_s = time.perf_counter() - started
-    final, card = finalize(cfg, checkpoint)
+    with checkpoint.as_directory() as folder:
+        final, card = finalize(cfg, Path(folder))
     entry = None
     if cfg.publish.registry:
         entry = publish(final, cfg.publish.registry, card["sae_id"])

@@ -79,11 +79,11 @@ class TrainingObjective(nn.Module):
         aux = self._aux_k(xc, pre, err, dead, total_var)
         with torch.no_grad():
             live = acts > 0
-            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=xs.device)
             fired[cols[live]] = True
             min_kept = None
             if self.architecture == "batchtopk":
-                min_kept = torch.full((sae.cfg.d_sae,), float("inf")).scatter_reduce(
+                min_kept = torch.full((sae.cfg.d_sae,), float("inf"), device=xs.device).scatter_reduce(
                     0, cols[live], acts[live].detach(), reduce="amin"
                 )
             l0 = live.sum() / xs.shape[0]

@@ -25,12 +25,13 @@ def resample_dead_latents(
     xs = x * sae.cfg.input_scale
     f = torch.relu((xs - sae.b_dec if sae.cfg.b_dec_in_encoder else xs) @ sae.W_enc + sae.b_enc)
     loss = (xs - (f @ sae.W_dec + sae.b_dec)).pow(2).sum(-1)  # [B]
-    gen = torch.Generator().manual_seed(seed)
-    choice = torch.multinomial(loss.pow(2) + 1e-12, idx.numel(), replacement=idx.numel() > x.shape[0], generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same draw on every rank and device
+    weights = (loss.pow(2) + 1e-12).cpu()
+    choice = torch.multinomial(weights, idx.numel(), replacement=idx.numel() > x.shape[0], generator=gen).to(x.device)
     dirs = xs[choice] - sae.b_dec  # [n_dead, d_in]
     dirs /= dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     alive = ~dead
-    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else 1.0
     sae.W_dec[idx] = dirs
     sae.W_enc[:, idx] = dirs.t() * enc_norm * _ENCODER_NORM_FRACTION
     sae.b_enc[idx] = 0.0

@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _bag_weight_grad(cols: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+def _bag_weight_grad(
+    cols: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor, x: torch.Tensor, n: int
+) -> torch.Tensor:
     """[n, d_in] with row c = sum over pairs j with cols[j] = c of g[j] * x[row of j].
 
     That is the weight gradient of an embedding bag, so we borrow its backward kernel: measured on this CPU at
     k=32 it is 6x faster than a dense x.T @ G and 10x faster than index_add over materialised products.
     """
-    table = torch.zeros(n, x.shape[1], dtype=x.dtype, requires_grad=True)
+    table = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.enable_grad():
         out = F.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=g)
     (grad,) = torch.autograd.grad(out, table, x)
@@ -43,7 +45,7 @@ class _SelectedPreActs(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_W = _bag_weight_grad(cols, offsets, grad, x, W_enc.shape[1]).t().contiguous()
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype).index_add_(0, cols, grad)
+            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
         return grad_x, grad_W, grad_b, None, None, None
 
 

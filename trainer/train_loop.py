@@ -63,7 +63,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.run_dir = Path(cfg.run.storage_path) / cfg.run.name
         corpus = load_corpus(cfg, load_tokenizer(cfg.model_path))
-        self.source = ChunkSource(cfg, corpus)
+        self.source = ChunkSource(cfg, corpus, self.device)
         self.plan = corpus.plan
         self._setup()
 
@@ -138,7 +138,7 @@ class Worker:
     def _step(self, x: torch.Tensor):
         cfg, state, sae = self.cfg, self.state, self.sae
         state.data_stats.update(x)
-        dead = state.tokens_since_fired >= cfg.optim.dead_after_tokens
+        dead = (state.tokens_since_fired >= cfg.optim.dead_after_tokens).to(self.device)
         l1 = cfg.optim.l1_coef * min(1.0, (state.step + 1) / max(cfg.optim.l1_warmup_steps, 1))
         out = self.model(x, dead, l1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -152,11 +152,11 @@ class Worker:
         state.step += 1
         global_batch = x.shape[0] * self.world
         state.tokens += global_batch
-        fired = collectives.all_reduce(out.fired.to(torch.int32), "max").bool()
+        fired = collectives.all_reduce(out.fired.to(torch.int32), "max").bool().cpu()
         state.tokens_since_fired += global_batch
         state.tokens_since_fired[fired] = 0
         if out.min_kept is not None:
-            update_thresholds(state, collectives.all_reduce(out.min_kept, "min"), cfg.optim.threshold_ema)
+            update_thresholds(state, collectives.all_reduce(out.min_kept, "min").cpu(), cfg.optim.threshold_ema)
         if cfg.sae.architecture == "relu":
             self._maybe_resample(x)
         return out
@@ -168,7 +168,8 @@ class Worker:
         window = o.resample_every * x.shape[0] * self.world
         dead = state.tokens_since_fired >= window
         batch = collectives.broadcast(x.clone())
-        resample_dead_latents(self.sae, self.optimizer, batch, dead, seed=o.seed * 1_000_003 + state.step)
+        seed = o.seed * 1_000_003 + state.step
+        resample_dead_latents(self.sae, self.optimizer, batch, dead.to(self.device), seed=seed)
         state.tokens_since_fired[dead] = 0
 
     def _maybe_log(self, out) -> dict[str, Any] | None:

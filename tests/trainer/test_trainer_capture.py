@@ -22,7 +22,8 @@ def test_capture_equals_a_direct_forward(tiny_llama):
 
 
 def test_chunk_source_drops_special_tokens_and_caches(tiny_config, tmp_path):
-    cfg = tiny_config(f"data.cache_dir={tmp_path / 'cache'}", "data.cache_dtype=float32", "data.max_documents=200")
+    cfg = tiny_config(f"data.cache_dir={tmp_path / 'cache'}", "data.cache_dtype=float32", "data.max_documents=200",
+                      "data.outlier_norm_factor=null")
     model, tok = load_language_model(cfg.model_path)
     corpus = load_corpus(cfg, tok)
     source = ChunkSource(cfg, corpus)
@@ -36,3 +37,11 @@ def test_chunk_source_drops_special_tokens_and_caches(tiny_config, tmp_path):
     torch.testing.assert_close(acts, direct)
     assert source.chunk_file(chunk).exists()
     torch.testing.assert_close(ChunkSource(cfg, load_corpus(cfg, tok))(chunk), acts)  # served from the cache
+
+
+def test_inlier_mask_drops_attention_sink_norms():
+    from trainer.capture import inlier_mask
+
+    norms = torch.tensor([170.0, 180.0, 165.0, 20000.0, 175.0, 1500.0])
+    assert inlier_mask(norms, 10.0).tolist() == [True, True, True, False, True, True]
+    assert inlier_mask(norms, None).all()

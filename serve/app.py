@@ -1,0 +1,66 @@
+"""`build_app`: the Ray Serve application, from Python or from `serve run deploy/serve/config.yaml`.
+
+    ingress (FastAPI) --DeploymentHandle--> model (SAEEngine per replica) --> directory (the SAE set)
+
+The config is validated once here; deployments receive it as a plain dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .auth import KeyStore
+from .config import ServiceConfig, is_loopback
+
+logger = logging.getLogger("sae_serve")
+
+
+def initial_saes(config: ServiceConfig) -> dict[str, str]:
+    """SAE id -> folder to load at start: the registry's SAEs, then the engine config's (which win on a clash)."""
+    from . import sae_registry
+
+    saes: dict[str, str] = {}
+    if config.sae_registry is not None and config.load_registry_at_start:
+        saes.update({k: str(v) for k, v in sae_registry.scan(config.sae_registry).items()})
+    saes.update({k: str(v) for k, v in config.engine.saes.items()})
+    for sae_id in saes:
+        bad = sae_registry.check_sae_id(sae_id)
+        if bad:
+            raise ValueError(bad)
+    return saes
+
+
+def check_binding(config: ServiceConfig, keys: KeyStore, host: str) -> None:
+    """Without API keys the service may only listen on loopback; say loudly that auth is off."""
+    if keys.enabled:
+        return
+    if not is_loopback(host):
+        raise ValueError(
+            f"no API keys are configured, so the service refuses to listen on {host!r}; set "
+            f"{config.auth.api_keys_env} / auth.api_keys_file, or bind to 127.0.0.1"
+        )
+    logger.warning("sae-serve: no API keys configured, authentication is OFF (listening on %s only)", host)
+
+
+def build_app(config: dict[str, Any] | ServiceConfig):
+    """The application to `serve.run`; also the `import_path` target of a serve config (`args` = ServiceConfig)."""
+    from ray import serve
+
+    from .ingress import Ingress
+    from .model_deployment import SAEModel
+    from .sae_directory import SAEDirectory
+
+    config = config if isinstance(config, ServiceConfig) else ServiceConfig.model_validate(config)
+    keys = KeyStore.from_config(config.auth)
+    check_binding(config, keys, config.host)
+    plain = config.model_dump(mode="json")
+
+    directory = serve.deployment(SAEDirectory, name="SAEDirectory").options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0}
+    ).bind(initial_saes(config))
+    model = serve.deployment(SAEModel, name="SAEModel").options(**config.model.serve_options()).bind(plain, directory)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="SAEServeIngress").options(
+        **config.ingress.serve_options()
+    )
+    return ingress.bind(plain, model, keys)

@@ -1,0 +1,56 @@
+"""`sae-serve up`: a local single-node Ray bound to 127.0.0.1 (or an existing cluster) running the app until Ctrl-C."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .config import ServiceConfig
+
+APP_NAME = "sae-serve"
+
+
+def service_config(path: Path, host: str | None, port: int | None) -> ServiceConfig:
+    """The config file with command-line overrides; refuses an unauthenticated public bind before Ray starts."""
+    from .app import check_binding
+    from .auth import KeyStore
+
+    config = ServiceConfig.from_yaml(path)
+    config = ServiceConfig.model_validate(
+        {**config.model_dump(), **{k: v for k, v in (("host", host), ("port", port)) if v is not None}}
+    )
+    check_binding(config, KeyStore.from_config(config.auth), config.host)
+    return config
+
+
+def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
+    import os
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=num_cpus or max(os.cpu_count() or 1, 2))
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
+              file=sys.stderr)
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        print(f"sae-serve: ready on http://{config.host}:{config.port} (Ctrl-C stops)", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("sae-serve: stopping", file=sys.stderr)
+    finally:
+        if address:
+            serve.delete(APP_NAME)  # leave the rest of a shared cluster's Serve alone
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0

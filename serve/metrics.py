@@ -1,0 +1,37 @@
+"""Prometheus metrics of the ingress, named in vLLM's style (`sae_serve:...`), in a registry of their own.
+
+Each ingress replica exports its own counters; with several ingress replicas, scrape each (or sum in Prometheus).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
+
+
+class ServiceMetrics:
+    """All service metrics; `render()` is the body of GET /metrics."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series double the output and no dashboard reads them
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sae_serve:requests", "HTTP requests finished, by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("sae_serve:request_errors", "Requests answered with an error, by endpoint and type.",
+                              ["endpoint", "type"], registry=r)
+        self.latency = Histogram("sae_serve:e2e_request_latency_seconds", "Time from request to last byte.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("sae_serve:time_to_first_token_seconds", "Time from request to the first token.",
+                              ["endpoint"], buckets=TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("sae_serve:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("sae_serve:generation_tokens", "Tokens generated.", registry=r)
+        self.steered = Counter("sae_serve:steered_requests", "Requests steered with each SAE.", ["sae"], registry=r)
+        self.loaded_saes = Gauge("sae_serve:loaded_saes", "SAEs currently served.", registry=r)
+        self.sae_events = Counter("sae_serve:sae_hot_load_events", "Admin SAE loads/unloads, by action and outcome.",
+                                  ["action", "outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

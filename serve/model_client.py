@@ -1,0 +1,95 @@
+"""The ingress's side of the model deployment: handle calls, with Ray's failures turned into HTTP errors.
+
+Overload (the model deployment's `max_queued_requests` reached) answers at once with Ray's BackPressureError,
+which becomes a 503 with Retry-After; a dead or missing replica becomes a 503 as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .calls import CallError, GenerateCall, StreamItem
+from .errors import APIError
+
+
+@contextlib.contextmanager
+def _ray_errors():
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    try:
+        yield
+    except BackPressureError as e:
+        retry = {"Retry-After": str(int(e.retry_after_s or 1))}
+        raise APIError(e.status_code, "the service is overloaded; retry later", code="overloaded",
+                       headers=retry) from None
+    except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError, ActorUnavailableError):
+        raise APIError(503, "the model is unavailable; retry shortly", code="model_unavailable") from None
+
+
+def _raise_if_error(result: Any) -> Any:
+    if isinstance(result, CallError):
+        raise APIError.from_call(result)
+    return result
+
+
+class ModelClient:
+    """Calls on the model deployment; remembers the newest SAE-set version this ingress has seen."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.sae_version = 0
+
+    def saw_version(self, version: int) -> None:
+        self.sae_version = max(self.sae_version, version)
+
+    async def call(self, method: str, *args) -> Any:
+        with _ray_errors():
+            result = await getattr(self._handle, method).remote(*args)
+        return _raise_if_error(result)
+
+    async def stream(self, call: GenerateCall, prompt_param: str, max_tokens_param: str) -> "GenerationStream":
+        """Start a generation; raises APIError before any response is sent if the request is refused."""
+        gen = self._handle.options(stream=True).generate.remote(call, prompt_param, max_tokens_param)
+        stream = GenerationStream(gen)
+        try:
+            first = await stream.next()
+        except BaseException:
+            gen.cancel()
+            raise
+        if first is None:
+            raise APIError(500, "the model ended the stream without output")
+        _raise_if_error(first.error)
+        stream.pending = first
+        return stream
+
+
+class GenerationStream:
+    """Items of one generation; `close()` cancels it on the replica (the engine aborts the request)."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self.pending: StreamItem | None = None
+        self.done = False
+
+    async def next(self) -> StreamItem | None:
+        with _ray_errors():
+            try:
+                return await self._gen.__anext__()
+            except StopAsyncIteration:
+                self.done = True
+                return None
+
+    async def items(self) -> AsyncIterator[StreamItem]:
+        if self.pending is not None:
+            item, self.pending = self.pending, None
+            yield item
+        while (item := await self.next()) is not None:
+            _raise_if_error(item.error)
+            yield item
+
+    def close(self) -> None:
+        if not self.done:
+            self._gen.cancel()

@@ -1,0 +1,1 @@
+"""Thin FastAPI routers: parse, authorise, delegate to the serving logic, shape the response."""
