@@ -48,19 +48,21 @@ async def _throughput(engine: SAEEngine, specs: list[list[SteeringEntry]]) -> fl
     return sum(counts) / (time.perf_counter() - t0)
 
 
-async def _prefill_seconds(engine: SAEEngine, sae_id: str, capture: bool, repeats: int) -> float:
-    times = []
+async def _prefill_seconds(engine: SAEEngine, sae_id: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of a 128-token prefill, plain and with capture, alternated so load drifts hit both alike."""
+    times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(repeats):
-        # A fresh prefix each time, so the plain run never reads cached KV (capture never does).
-        prompt = [1000 + i] + [(7 * j + i) % 40000 + 100 for j in range(127)]
-        t0 = time.perf_counter()
-        if capture:
-            await engine.activations(prompt, CaptureSpec(saes=[sae_id], top_k=32))
-        else:
-            async for _ in engine.generate(prompt, Sampling(max_tokens=1, temperature=0.0)):
-                pass
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for capture in (False, True):
+            # A fresh prefix each time, so the plain run never reads cached KV (capture never does).
+            prompt = [1000 + 2 * i + capture] + [(7 * j + i) % 40000 + 100 for j in range(127)]
+            t0 = time.perf_counter()
+            if capture:
+                await engine.activations(prompt, CaptureSpec(saes=[sae_id], top_k=32))
+            else:
+                async for _ in engine.generate(prompt, Sampling(max_tokens=1, temperature=0.0)):
+                    pass
+            times[capture].append(time.perf_counter() - t0)
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -85,8 +87,7 @@ async def main(args: argparse.Namespace) -> dict:
                     tps[name].append(await _throughput(engine, specs))
                     print(f"repeat {r} {name:9s} {tps[name][-1]:7.1f} tok/s", flush=True)
             med = {k: statistics.median(v) for k, v in tps.items()}
-            plain = await _prefill_seconds(engine, "bench", False, args.prefill_repeats)
-            captured = await _prefill_seconds(engine, "bench", True, args.prefill_repeats)
+            plain, captured = await _prefill_seconds(engine, "bench", args.prefill_repeats)
         finally:
             engine.shutdown()
     mode = "eager" if args.eager else "compiled"
@@ -107,6 +108,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per condition")
-    parser.add_argument("--prefill-repeats", type=int, default=15, help="timed prefills per side")
+    parser.add_argument("--prefill-repeats", type=int, default=20, help="timed prefills per side")
     parser.add_argument("--sae", help="SAE folder to steer with (default: a random 8x TopK at blocks.15.resid_post)")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
