@@ -1,8 +1,9 @@
 """Service throughput: tokens/s through HTTP (Ray Serve + SSE) against the raw engine and against naive serving.
 
-One workload, three ways, one after another on the same machine (never two at once):
+One workload, three ways, on the same machine (never two at once):
   engine  the SAEEngine in this process, 32 concurrent requests;
-  http    the Ray Serve app (ingress + model deployment + SSE), 32 concurrent streaming clients on /v1/completions;
+  http    the Ray Serve app (ingress + model deployment + SSE), 32 concurrent streaming clients on /v1/completions
+          (engine and http runs alternate, both started once, so a busy neighbour slows both alike);
   naive   transformers `generate` with SAE forward hooks (tests/serve/reference.py), one request at a time, the way
           SAELens/TransformerLens-based servers serve.
 32 prompts × 128 greedy tokens; every other request is steered (add / clamp / h_bias in turn) on an 8x TopK SAE
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -46,14 +46,17 @@ def engine_config(eager: bool) -> dict:
     return (engine.model_copy(update={"enforce_eager": True}) if eager else engine).model_dump()
 
 
-async def engine_run(cfg: dict, sae_dir: Path, work, repeats: int) -> tuple[float, float]:
-    from serve.engine import SAEEngine, Sampling
+async def start_engine(cfg: dict, sae_dir: Path):
+    from serve.engine import SAEEngine
     from serve.engine_config import EngineConfig
+
+    return await SAEEngine.start(EngineConfig(**{**cfg, "saes": {"bench": str(sae_dir)}}))
+
+
+async def engine_once(engine, work) -> float:
+    from serve.engine import Sampling
     from serve.steering_spec import SteeringEntry
 
-    t0 = time.perf_counter()
-    engine = await SAEEngine.start(EngineConfig(**{**cfg, "saes": {"bench": str(sae_dir)}}))
-    startup = time.perf_counter() - t0
     sampling = Sampling(max_tokens=NEW_TOKENS, temperature=0.0)
 
     async def one(prompt, spec) -> int:
@@ -62,20 +65,9 @@ async def engine_run(cfg: dict, sae_dir: Path, work, repeats: int) -> tuple[floa
             n += sum(len(o.token_ids) for o in u.outputs)
         return n
 
-    async def once() -> float:
-        t = time.perf_counter()
-        counts = await asyncio.gather(*[one(p, s) for p, s in work])
-        return sum(counts) / (time.perf_counter() - t)
-
-    try:
-        await once()  # warm-up
-        runs = []
-        for r in range(repeats):
-            runs.append(await once())
-            print(f"engine repeat {r}: {runs[-1]:7.1f} tok/s", flush=True)
-    finally:
-        engine.shutdown()
-    return statistics.median(runs), startup
+    t = time.perf_counter()
+    counts = await asyncio.gather(*[one(p, s) for p, s in work])
+    return sum(counts) / (time.perf_counter() - t)
 
 
 async def http_once(base_url: str, model: str, work) -> float:
@@ -101,7 +93,26 @@ async def http_once(base_url: str, model: str, work) -> float:
         return sum(counts) / (time.perf_counter() - t)
 
 
-def http_run(cfg: dict, registry: Path, work, repeats: int) -> tuple[float, float]:
+async def compare(cfg: dict, sae_dir: Path, base_url: str, work, repeats: int) -> tuple[float, float]:
+    """Median tokens/s of the raw engine and of HTTP, runs alternating so that a busy neighbour slows both alike."""
+    engine = await start_engine(cfg, sae_dir)
+    model = "SmolLM2-135M-Instruct"
+    try:
+        await engine_once(engine, work)  # warm-up of both
+        await http_once(base_url, model, work)
+        runs: dict[str, list[float]] = {"engine": [], "http": []}
+        for r in range(repeats):
+            runs["engine"].append(await engine_once(engine, work))
+            runs["http"].append(await http_once(base_url, model, work))
+            print(f"repeat {r}: engine {runs['engine'][-1]:7.1f} tok/s, http {runs['http'][-1]:7.1f} tok/s",
+                  flush=True)
+    finally:
+        engine.shutdown()
+    return statistics.median(runs["engine"]), statistics.median(runs["http"])
+
+
+def serve_and_compare(cfg: dict, registry: Path, work, repeats: int) -> tuple[float, float]:
+    """The service (idle while the engine runs and the other way round) and the raw engine, side by side."""
     import socket
 
     import ray
@@ -112,27 +123,19 @@ def http_run(cfg: dict, registry: Path, work, repeats: int) -> tuple[float, floa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = {"engine": cfg, "sae_registry": str(registry), "port": port}
-    t0 = time.perf_counter()
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
              log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="sae-serve", route_prefix="/")
-        startup = time.perf_counter() - t0
-        base_url, model = f"http://127.0.0.1:{port}", "SmolLM2-135M-Instruct"
-        asyncio.run(http_once(base_url, model, work))  # warm-up
-        runs = []
-        for r in range(repeats):
-            runs.append(asyncio.run(http_once(base_url, model, work)))
-            print(f"http   repeat {r}: {runs[-1]:7.1f} tok/s", flush=True)
+        serve.run(build_app({"engine": cfg, "sae_registry": str(registry), "port": port}), name="sae-serve",
+                  route_prefix="/")
+        return asyncio.run(compare(cfg, registry / "bench", f"http://127.0.0.1:{port}", work, repeats))
     finally:
         serve.shutdown()
         ray.shutdown()
-    return statistics.median(runs), startup
 
 
-def naive_run(sae_dir: Path, work, n: int) -> float:
+def naive_run(sae_dir: Path, work, n: int, threads: int) -> float:
     """One request at a time through transformers generate, steered requests with SAE forward hooks."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,7 +145,8 @@ def naive_run(sae_dir: Path, work, n: int) -> float:
     from serve.steering_spec import SteeringEntry
     from tests.serve.reference import steered
 
-    torch.set_num_threads(os.cpu_count() or 1)  # all cores: the naive server gets the whole machine
+    # One thread is the naive server's best case here: on two cores with a busy neighbour, two threads decode slower.
+    torch.set_num_threads(threads)
     model_dir = resolve_model("embedded", prepare=False)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -169,14 +173,14 @@ def main(args: argparse.Namespace) -> dict:
         registry = Path(tmp) / "registry"
         sae = make_random_sae(registry / "bench", "blocks.15.resid_post", "topk", d_sae=4608, k=32)
         work = workload(sae.cfg.d_sae)
-        engine_tps, engine_start = asyncio.run(engine_run(cfg, registry / "bench", work, args.repeats))
-        http_tps, http_start = http_run(cfg, registry, work, args.repeats)
-        naive_tps = naive_run(registry / "bench", work, args.naive_requests)
+        engine_tps, http_tps = serve_and_compare(cfg, registry, work, args.repeats)
+        naive_tps = naive_run(registry / "bench", work, args.naive_requests, args.naive_threads)
     mode = "eager" if args.eager else "compiled"
     print(f"\nmode {mode}; {N_REQUESTS} requests x {NEW_TOKENS} greedy tokens, half steered; median of {args.repeats}")
-    print(f"engine {engine_tps:7.1f} tok/s (start {engine_start:.0f} s)")
-    print(f"http   {http_tps:7.1f} tok/s (start {http_start:.0f} s)")
-    print(f"naive  {naive_tps:7.1f} tok/s ({args.naive_requests} requests, one at a time)")
+    print(f"engine {engine_tps:7.1f} tok/s")
+    print(f"http   {http_tps:7.1f} tok/s")
+    print(f"naive  {naive_tps:7.1f} tok/s ({args.naive_requests} requests, one at a time, "
+          f"{args.naive_threads} torch thread(s))")
     return {
         "http_vs_engine": round(http_tps / engine_tps, 3),
         "vs_naive": round(http_tps / naive_tps, 2),
@@ -192,4 +196,5 @@ if __name__ == "__main__":
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: the deploy config's mode)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the workload per side (median)")
     parser.add_argument("--naive-requests", type=int, default=4, help="requests timed on the naive server")
+    parser.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive server")
     print(json.dumps(main(parser.parse_args())))

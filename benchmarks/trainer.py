@@ -8,7 +8,7 @@ the decoder), with SPARSIFY_DISABLE_TRITON=1 (its eager CPU kernels). Throughput
 FVU is measured afterwards on held-out activations. The last line is JSON:
 {"throughput_vs_sparsify", "fvu", "fvu_sparsify", ...}.
 
-    python benchmarks/trainer.py [--config trainer/configs/smollm2-l15-resid-8x.yaml] [--steps 150] [--batch 4096]
+    python -m benchmarks.trainer [--config trainer/configs/smollm2-l15-resid-8x.yaml] [--steps 150] [--batch 4096]
 
 Activations come from the config's activation cache when the demo job has filled it, else they are captured.
 """
@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "benchmarks":
+    # Run as a script, this file would shadow the `trainer` package it benchmarks.
+    sys.path[0] = str(ROOT)
 
 
 def load_activations(config: Path, n_train: int, n_eval: int) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -118,7 +122,7 @@ class Sparsify:
         fired[out.latent_indices.flatten()] = True
         self.since_fired += x.shape[0]
         self.since_fired[fired] = 0
-        return float(out.fvu)
+        return float(out.fvu.detach())
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--train-acts", type=int, default=262_144)
-    parser.add_argument("--eval-acts", type=int, default=32_768)
+    parser.add_argument("--eval-acts", type=int, default=16_384)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # before sparsify is imported: no triton on CPU

@@ -15,6 +15,8 @@ from .config import ServiceConfig, is_loopback
 
 logger = logging.getLogger("sae_serve")
 
+INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
 
 def initial_saes(config: ServiceConfig) -> dict[str, str]:
     """SAE id -> folder to load at start: the registry's SAEs, then the engine config's (which win on a clash)."""
@@ -31,7 +33,7 @@ def initial_saes(config: ServiceConfig) -> dict[str, str]:
     return saes
 
 
-def check_binding(config: ServiceConfig, keys: KeyStore, host: str) -> None:
+def check_binding(config: ServiceConfig, keys: KeyStore, host: str, warn: bool = True) -> None:
     """Without API keys the service may only listen on loopback; say loudly that auth is off."""
     if keys.enabled:
         return
@@ -40,7 +42,8 @@ def check_binding(config: ServiceConfig, keys: KeyStore, host: str) -> None:
             f"no API keys are configured, so the service refuses to listen on {host!r}; set "
             f"{config.auth.api_keys_env} / auth.api_keys_file, or bind to 127.0.0.1"
         )
-    logger.warning("sae-serve: no API keys configured, authentication is OFF (listening on %s only)", host)
+    if warn:
+        logger.warning("sae-serve: no API keys configured, authentication is OFF (listening on %s only)", host)
 
 
 def build_app(config: dict[str, Any] | ServiceConfig):
@@ -60,7 +63,9 @@ def build_app(config: dict[str, Any] | ServiceConfig):
         num_replicas=1, ray_actor_options={"num_cpus": 0}
     ).bind(initial_saes(config))
     model = serve.deployment(SAEModel, name="SAEModel").options(**config.model.serve_options()).bind(plain, directory)
-    ingress = serve.deployment(serve.ingress()(Ingress), name="SAEServeIngress").options(
-        **config.ingress.serve_options()
-    )
+    ingress_options = config.ingress.serve_options()
+    # The ingress never blocks its event loop, so Ray Serve may run its code and its handle's router on the
+    # replica's main loop: two thread hops fewer per streamed message (Ray's "throughput optimized" settings).
+    ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": INGRESS_ENV}
+    ingress = serve.deployment(serve.ingress()(Ingress), name="SAEServeIngress").options(**ingress_options)
     return ingress.bind(plain, model, keys)

@@ -27,7 +27,7 @@ class AutoscalingConfig(_Strict):
     max_replicas: int = Field(default=1, ge=1, description="Most replicas started.")
     target_ongoing_requests: float = Field(default=32.0, gt=0, description="Ongoing requests per replica to aim for.")
     upscale_delay_s: float = Field(default=30.0, ge=0, description="How long load must stay high before adding one.")
-    downscale_delay_s: float = Field(default=600.0, ge=0, description="How long load must stay low before removing one.")
+    downscale_delay_s: float = Field(default=600.0, ge=0, description="How long load must stay low to remove one.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":
@@ -80,7 +80,8 @@ class AuthConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    """Bounds on one HTTP request (steering bounds live in EngineConfig: max_steering_entries, max_abs_steering_value)."""
+    """Bounds on one HTTP request (the steering bounds are EngineConfig's max_steering_entries and
+    max_abs_steering_value)."""
 
     max_prompt_tokens: int = Field(default=1536, ge=1, description="Longest prompt, in tokens.")
     max_tokens: int = Field(default=1024, ge=1, description="Most tokens generated per choice.")
@@ -106,9 +107,12 @@ class ServiceConfig(_Strict):
         default=None, description="SAE registry folder: loaded at start; POST /v1/saes paths must lie inside it."
     )
     load_registry_at_start: bool = Field(default=True, description="Load every SAE of the registry at start.")
-    sae_sync_interval_s: float = Field(default=2.0, gt=0, description="How often model replicas converge on the SAE set.")
+    sae_sync_interval_s: float = Field(default=2.0, gt=0, description="Seconds between model replicas' SAE-set checks.")
     stream_batch_ms: float = Field(
-        default=50.0, ge=0, description="Streamed deltas are merged over this window (fewer messages under load)."
+        default=50.0, ge=0, description="Shortest window over which a stream's deltas are merged into one message."
+    )
+    stream_messages_per_s: float = Field(
+        default=64.0, gt=0, description="Stream messages per model replica per second; windows widen to keep to it."
     )
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Feature cards: logit lens of an SAE decoder row through the model's unembedding, plus the trainer's statistics.
+"""SAE and feature cards: config, logit lens of a decoder row through the model's unembedding, trainer statistics.
 
 The engine keeps SAE weights inside its worker, so this reads the SAE folder and the model's safetensors itself,
 lazily and once (the unembedding of the embedded model is 113 MB in fp32).
@@ -51,10 +51,10 @@ class _LRU(OrderedDict):
 class FeatureLens:
     """Computes feature cards; blocking (call it in a thread). Caches the unembedding and a few SAEs."""
 
-    def __init__(self, model_dir: Path, cached_saes: int = 4):
+    def __init__(self, model_dir: Path, cached_saes: int = 2):
         self.model_dir = model_dir
         self._W_U = None
-        self._decoders = _LRU(cached_saes)  # (sae_id, version) -> W_dec in model space [d_sae, d_in]
+        self._saes = _LRU(cached_saes)  # (sae_id, version) -> (SAEConfig, W_dec in model space [d_sae, d_in])
         self._stats = _LRU(2)  # (sae_id, version) -> feature records
         self._lock = threading.Lock()
 
@@ -67,14 +67,19 @@ class FeatureLens:
                 self._W_U = fh.get_tensor(key).float()  # [vocab, d_model]
         return self._W_U
 
-    def _decoder(self, sae_id: str, version: str, folder: Path):
+    def _sae(self, sae_id: str, version: str, folder: Path):
         key = (sae_id, version)
-        if key not in self._decoders:
+        if key not in self._saes:
             from sae import load_sae
 
             sae = load_sae(folder, dtype="float32")
-            self._decoders.put(key, sae.W_dec.detach() / sae.cfg.input_scale)
-        return self._decoders[key]
+            self._saes.put(key, (sae.cfg, sae.W_dec.detach() / sae.cfg.input_scale))
+        return self._saes[key]
+
+    def config(self, sae_id: str, version: str, folder: Path):
+        """The SAEConfig of a served SAE (formats keep it beside the weights, so this reads the folder once)."""
+        with self._lock:
+            return self._sae(sae_id, version, folder)[0]
 
     def _feature_stats(self, sae_id: str, version: str, folder: Path) -> list[dict] | None:
         key = (sae_id, version)
@@ -87,7 +92,7 @@ class FeatureLens:
         """The fields of `protocol.FeatureCard` for feature `index` (already checked to be in range)."""
         with self._lock:
             W_U = self._unembedding()
-            row = self._decoder(sae_id, version, folder)[index]
+            row = self._sae(sae_id, version, folder)[1][index]
             stats = self._feature_stats(sae_id, version, folder)
         logits = W_U @ row  # [vocab]
         top, bottom = logits.topk(top_n), logits.topk(top_n, largest=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,12 @@ def service_config(path: Path, host: str | None, port: int | None) -> ServiceCon
     config = ServiceConfig.model_validate(
         {**config.model_dump(), **{k: v for k, v in (("host", host), ("port", port)) if v is not None}}
     )
-    check_binding(config, KeyStore.from_config(config.auth), config.host)
+    check_binding(config, KeyStore.from_config(config.auth), config.host, warn=False)  # build_app warns
     return config
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
@@ -37,6 +42,9 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=num_cpus or max(os.cpu_count() or 1, 2))
+    # Ray's own SIGTERM handler ends the process mid-cleanup and orphans the local cluster's agents; a stop
+    # request from a supervisor should take the same path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",

@@ -56,12 +56,12 @@ class ModelClient:
         stream = GenerationStream(gen)
         try:
             first = await stream.next()
+            if first is None:
+                raise APIError(500, "the model ended the stream without output")
+            _raise_if_error(first.error)
         except BaseException:
-            gen.cancel()
+            stream.close()
             raise
-        if first is None:
-            raise APIError(500, "the model ended the stream without output")
-        _raise_if_error(first.error)
         stream.pending = first
         return stream
 
@@ -91,5 +91,14 @@ class GenerationStream:
             yield item
 
     def close(self) -> None:
-        if not self.done:
+        """Best effort, and never raises: Ray's cancel() re-raises the failure of a request that never started."""
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        if self.done:
+            return
+        self.done = True
+        try:
             self._gen.cancel()
+        except (RayServeException, RayError):
+            pass

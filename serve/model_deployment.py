@@ -62,6 +62,7 @@ class SAEModel:
         self._directory = directory
         self._loaded: dict[str, tuple[str, int]] = {}  # sae id -> (folder, directory version of its put)
         self._version = 0
+        self._streams = 0  # generations streaming from this replica now
         self._sync_lock = asyncio.Lock()
         await self._sync()
         self._sync_task = asyncio.create_task(self._sync_forever())
@@ -112,9 +113,7 @@ class SAEModel:
         if meta is None or sae_id not in self._loaded:
             return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
         folder = Path(self._loaded[sae_id][0])
-        from sae.formats import read_folder
-
-        cfg, _ = await asyncio.to_thread(read_folder, folder)
+        cfg = await asyncio.to_thread(self._lens.config, sae_id, meta.version, folder)
         return {**meta_dict(meta), "model": cfg.model, "k": cfg.k, "metadata": cfg.metadata,
                 "card": read_json(folder / CARD_FILE), "has_feature_stats": (folder / FEATURE_STATS_FILE).is_file()}
 
@@ -216,10 +215,10 @@ class SAEModel:
             raise
         sampling = Sampling(max_tokens=max_tokens, temperature=call.temperature, top_p=call.top_p, seed=call.seed,
                             stop=call.stop, n=call.n, logprobs=call.logprobs)
-        interval = self.config.stream_batch_ms / 1000 if call.stream else None
         updates = self._engine.generate(rendered.token_ids, sampling, call.steering)
+        self._streams += 1
         try:
-            async for group in batched(updates, interval):
+            async for group in batched(updates, self._stream_window if call.stream else None):
                 yield self._item(group, len(rendered.token_ids), call.logprobs)
         except SpecError as e:  # an SAE unloaded between the check and the start
             yield StreamItem(error=CallError(400, str(e), e.param))
@@ -227,6 +226,13 @@ class SAEModel:
             if not _engine_down(e):
                 raise
             yield StreamItem(error=ENGINE_DOWN)
+        finally:
+            self._streams -= 1
+
+    def _stream_window(self) -> float:
+        """Seconds to merge a stream's deltas: each message costs CPU in three processes (this replica, the
+        ingress, Ray's proxy), so with many streams the windows widen to keep the replica's message rate bounded."""
+        return max(self.config.stream_batch_ms / 1000, self._streams / self.config.stream_messages_per_s)
 
     def _item(self, group: list[GenerationUpdate], prompt_tokens: int, top_n: int | None) -> StreamItem:
         deltas: dict[int, ChoiceDelta] = {}

@@ -22,7 +22,8 @@ def check_sae_id(sae_id: str) -> str | None:
     """An error message for an id that cannot be served (it appears in URLs and metric labels), else None."""
     if SAE_ID.fullmatch(sae_id):
         return None
-    return f"invalid SAE id {sae_id!r}: use up to 128 letters, digits, '.', '_' and '-', starting with a letter or digit"
+    return (f"invalid SAE id {sae_id!r}: use up to 128 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit")
 
 
 def scan(registry: Path) -> dict[str, Path]:

@@ -2,23 +2,25 @@
 
 Every message costs a Ray hop (model replica -> ingress) and an ASGI message (ingress -> proxy); with 32 streams on
 two cores that overhead competes with decoding. Like ray.serve.llm's Batcher, updates are collected for a short
-window and sent together; a stream's first update goes out at once so time-to-first-token is not delayed.
+window and sent together; a stream's first update goes out at once so time-to-first-token is not delayed (and can
+be measured by the ingress, for non-streaming requests too).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-async def batched(source: AsyncIterator[T], interval_s: float | None) -> AsyncIterator[list[T]]:
-    """Lists of consecutive items: the first alone, then what arrived in each `interval_s` window.
+async def batched(source: AsyncIterator[T], interval_s: float | Callable[[], float] | None) -> AsyncIterator[list[T]]:
+    """Lists of consecutive items: the first alone, then what arrived in each window of `interval_s` seconds
+    (a callable is asked before every window, so the window can follow the load).
 
-    `interval_s` None: one list at the end; 0: every item alone. Cancelling the consumer cancels the reader,
-    which closes `source`.
+    `interval_s` None: the first item, then the rest at the end; 0: every item alone. Cancelling the consumer
+    cancels the reader, which closes `source`.
     """
     if interval_s == 0:
         async for item in source:
@@ -35,7 +37,7 @@ async def batched(source: AsyncIterator[T], interval_s: float | None) -> AsyncIt
             done.set()
 
     reader = asyncio.create_task(read())
-    first = interval_s is not None
+    first = True
     try:
         while True:
             items: list = []
@@ -56,7 +58,7 @@ async def batched(source: AsyncIterator[T], interval_s: float | None) -> AsyncIt
                 await done.wait()
             else:
                 try:
-                    await asyncio.wait_for(done.wait(), timeout=interval_s)
+                    await asyncio.wait_for(done.wait(), timeout=interval_s() if callable(interval_s) else interval_s)
                 except asyncio.TimeoutError:
                     pass
             while not queue.empty():

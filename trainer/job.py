@@ -34,20 +34,21 @@ def resolve_paths(cfg: TrainerConfig) -> TrainerConfig:
 
 def _init_ray(cfg: TrainerConfig) -> bool:
     """Join RAY_ADDRESS when set, else start a private local Ray bound to 127.0.0.1; True if we started one."""
+    if not os.environ.get("RAY_ADDRESS"):
+        # On Linux ray.init turns 127.0.0.1 into the machine's address; in its single-machine mode (this switch,
+        # read when ray is first imported) every Ray process binds to loopback instead.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return False
-    env = {"OMP_NUM_THREADS": str(cfg.run.torch_threads), "MKL_NUM_THREADS": str(cfg.run.torch_threads)}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
+        # A submitted job's runtime env is the submitter's to set; workers still cap torch's threads themselves.
+        ray.init()
         return False
+    env = {"OMP_NUM_THREADS": str(cfg.run.torch_threads), "MKL_NUM_THREADS": str(cfg.run.torch_threads)}
     ray.init(
-        address="local",
-        num_cpus=cfg.run.ray_num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
+        address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env}
     )
     return True
 

@@ -9,6 +9,10 @@ from sae import SAEConfig, SparseAutoencoder
 from .config import TrainerConfig
 from .stats import RunningStats
 
+# Encoder columns start as the decoder rows times this. Adam's steps have a fixed absolute size, so a smaller
+# encoder learns faster relative to its scale: 1/sqrt(3) (the column norm of nn.Linear's default init, sparsify's
+# start) reached held-out FVU 0.376 after 100 steps of the demo SAE where 1.0 reached 0.420.
+_ENCODER_SCALE = 3**-0.5
 # ReLU SAEs start with every latent half-active; a small encoder keeps the initial reconstruction near b_dec.
 _RELU_ENCODER_SCALE = 0.1
 
@@ -32,7 +36,7 @@ def sae_config(cfg: TrainerConfig, d_in: int, input_scale: float) -> SAEConfig:
 
 @torch.no_grad()
 def init_sae(cfg: TrainerConfig, stats: RunningStats) -> SparseAutoencoder:
-    """Unit-norm random decoder rows, encoder = decoder transpose, b_dec = data mean (in SAE-input space).
+    """Unit-norm random decoder rows, encoder = scaled decoder transpose, b_dec = data mean (SAE-input space).
 
     Every rank calls this with the same seed and all-reduced statistics, so all ranks start identical.
     """
@@ -42,7 +46,7 @@ def init_sae(cfg: TrainerConfig, stats: RunningStats) -> SparseAutoencoder:
     W_dec = torch.randn(sae.cfg.d_sae, sae.cfg.d_in, generator=gen)  # [d_sae, d_in]
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     sae.W_dec.copy_(W_dec)
-    enc_scale = _RELU_ENCODER_SCALE if cfg.sae.architecture == "relu" else 1.0
+    enc_scale = _RELU_ENCODER_SCALE if cfg.sae.architecture == "relu" else _ENCODER_SCALE
     sae.W_enc.copy_(W_dec.t() * enc_scale)
     sae.b_enc.zero_()
     sae.b_dec.copy_((stats.mean * scale).float())

@@ -27,9 +27,7 @@ class TrainState:
     stream_positions: list[int]
     """Chunks pulled by each rank's activation stream."""
     init_stats: RunningStats
-    """Statistics of the first buffer fill, used for b_dec and the input scale."""
-    data_stats: RunningStats
-    """Statistics over all training activations so far."""
+    """Statistics of the first buffer fill (all ranks), used for b_dec, the input scale and the card."""
     threshold_ema: torch.Tensor
     """batchtopk: per-latent EMA of the smallest kept activation [d_sae] (nan until a latent is kept)."""
     global_threshold: float = math.nan
@@ -48,7 +46,6 @@ class TrainState:
             "tokens_since_fired": self.tokens_since_fired,
             "stream_positions": list(self.stream_positions),
             "init_stats": self.init_stats.to_tensor(),
-            "data_stats": self.data_stats.to_tensor(),
             "threshold_ema": self.threshold_ema,
             "global_threshold": self.global_threshold,
             "tokens": self.tokens,
@@ -61,7 +58,6 @@ class TrainState:
         """Inverse of to_dict."""
         data = dict(data)
         data["init_stats"] = RunningStats.from_tensor(data["init_stats"])
-        data["data_stats"] = RunningStats.from_tensor(data["data_stats"])
         return cls(**data)
 
 

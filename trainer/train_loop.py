@@ -97,7 +97,6 @@ class Worker:
                 tokens_since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.int64),
                 stream_positions=[0] * self.world,
                 init_stats=init_stats,
-                data_stats=RunningStats(d),
                 threshold_ema=torch.full((sae.cfg.d_sae,), math.nan),
             )
             opt_state = sched_state = None
@@ -137,7 +136,6 @@ class Worker:
 
     def _step(self, x: torch.Tensor):
         cfg, state, sae = self.cfg, self.state, self.sae
-        state.data_stats.update(x)
         dead = (state.tokens_since_fired >= cfg.optim.dead_after_tokens).to(self.device)
         l1 = cfg.optim.l1_coef * min(1.0, (state.step + 1) / max(cfg.optim.l1_warmup_steps, 1))
         out = self.model(x, dead, l1)

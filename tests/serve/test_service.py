@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import openai
 import pytest
@@ -268,3 +269,33 @@ def test_metrics(service):
                  "sae_serve:loaded_saes", "sae_serve:sae_hot_load_events_total"):
         assert name in text, name
     assert 'sae_serve:requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_overload_is_answered_at_once_not_queued_forever(service):
+    """Past the model deployment's max_ongoing (64) + max_queued (64) requests, the rest get a quick 503."""
+    import asyncio
+
+    import httpx
+
+    async def one(client):
+        t = asyncio.get_running_loop().time()
+        r = await client.post("/v1/completions", json={"model": service.model, "prompt": "Count: 1, 2, 3,",
+                                                        "max_tokens": 16, "temperature": 0})
+        return r, asyncio.get_running_loop().time() - t
+
+    async def burst():
+        headers = {"Authorization": f"Bearer {service.user_key}"}
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=300, limits=limits) as c:
+            return await asyncio.gather(*[one(c) for _ in range(220)])
+
+    results = asyncio.run(burst())
+    statuses = [r.status_code for r, _ in results]
+    # Ray's router may refuse a little early while a queued request is being assigned, so not exactly 128 pass.
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 64, statuses
+    rejected = [(r, dt) for r, dt in results if r.status_code == 503]
+    assert rejected
+    median_ok = statistics.median(dt for r, dt in results if r.status_code == 200)
+    for r, dt in rejected:
+        assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+        assert dt < median_ok  # refused up front, not after waiting in a queue

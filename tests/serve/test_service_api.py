@@ -118,8 +118,8 @@ def test_sse_stream_with_usage_and_done():
         assert mine[0]["delta"]["role"] == "assistant" and all(m["delta"]["role"] is None for m in mine[1:])
         assert "".join(m["delta"]["content"] for m in mine) == " one two three"
         assert mine[-1]["finish_reason"] == "length"
-        assert mine[0]["logprobs"]["content"][0]["top_logprobs"] == [{"token": "a", "logprob": -0.5,
-                                                                      "bytes": [97]}]
+        assert mine[0]["logprobs"]["content"][0]["top_logprobs"] == [
+            {"token": "a", "logprob": -0.5, "bytes": [97]}, {"token": "b", "logprob": -1.5, "bytes": [98]}]
     assert model.calls[0].logprobs == 1 and model.calls[0].stream
 
 
@@ -131,6 +131,7 @@ def test_error_mid_stream_is_an_sse_error_event_and_cancels():
     assert json.loads(events[0])["choices"][0]["text"] == " one"
     assert json.loads(events[-1])["error"]["type"] == "service_unavailable_error"
     assert "[DONE]" not in events
+    assert model.cancelled == 1
 
 
 def test_refused_before_streaming_is_a_plain_http_error():
@@ -247,5 +248,5 @@ def test_stream_batching_merges_after_the_first_item():
 
     groups = asyncio.run(collect(0.035))
     assert groups[0] == [0] and sum(groups, []) == list(range(6)) and len(groups) < 6
-    assert asyncio.run(collect(None)) == [list(range(6))]
+    assert asyncio.run(collect(None)) == [[0], list(range(1, 6))]
     assert asyncio.run(collect(0)) == [[i] for i in range(6)]

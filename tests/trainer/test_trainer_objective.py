@@ -104,8 +104,7 @@ def test_decoder_stays_unit_norm_with_projected_gradient(architecture):
 def test_batchtopk_threshold_gives_about_k_active_latents_at_inference():
     cfg, sae, x = make("batchtopk")
     obj = TrainingObjective(sae, cfg.optim, "batchtopk")
-    state = TrainState(0, torch.zeros(S, dtype=torch.int64), [0], RunningStats(D), RunningStats(D),
-                       torch.full((S,), math.nan))
+    state = TrainState(0, torch.zeros(S, dtype=torch.int64), [0], RunningStats(D), torch.full((S,), math.nan))
     for _ in range(50):
         out = obj(x, torch.zeros(S, dtype=torch.bool))
         update_thresholds(state, out.min_kept, decay=0.9)
