@@ -147,7 +147,7 @@ def main() -> None:
     os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # before sparsify is imported: no triton on CPU
     torch.set_num_threads(args.threads)
 
-    from trainer.train_loop import default_lr, lr_factor
+    from trainer.schedule import default_lr, lr_factor
 
     t0 = time.perf_counter()
     train, held_out, cfg = load_activations(args.config, args.train_acts, args.eval_acts)
@@ -158,7 +158,7 @@ def main() -> None:
     lr = cfg.optim.lr or default_lr(cfg.sae.expansion_factor * train.shape[1])
 
     def schedule(step: int) -> float:
-        return lr_factor(step, cfg)
+        return lr_factor(step, cfg.optim)
 
     init = train[: min(65_536, train.shape[0])]
     runners = {"ours": Ours(cfg, init, lr, schedule), "sparsify": Sparsify(cfg, init, lr, schedule)}

@@ -22,7 +22,7 @@ from .config import TrainerConfig
 from .data import fortune_dir
 from .evaluate import EvalResult
 from .state import TrainState
-from .train_loop import default_lr
+from .schedule import default_lr
 
 FORMAT = "sae-serve-card/1"
 

@@ -23,27 +23,12 @@ from .metrics import MetricsLog
 from .objective import TrainingObjective, normalize_decoder, project_decoder_grad
 from .resample import resample_dead_latents
 from .sae_init import init_sae
+from .schedule import default_lr, lr_factor
 from .state import TrainState, load_checkpoint, save_checkpoint
 from .stats import RunningStats
 from .thresholds import inference_threshold, update_thresholds
 
 INJECTED_FAILURE_MARKER = ".injected_failure"
-
-
-def default_lr(d_sae: int) -> float:
-    """sparsify's width-scaled Adam learning rate."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
-
-
-def lr_factor(step: int, cfg: TrainerConfig) -> float:
-    """Linear warm-up, constant, then linear decay to zero over the last (1 - decay_start) of training."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    decay_from = int(o.decay_start * o.steps)
-    if step >= decay_from and o.steps > decay_from:
-        return max(0.0, (o.steps - step) / (o.steps - decay_from))
-    return 1.0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -107,7 +92,7 @@ class Worker:
         self.params = [p for p in sae.parameters() if p.requires_grad]
         lr = cfg.optim.lr or default_lr(sae.cfg.d_sae)
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=cfg.optim.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
             self.scheduler.load_state_dict(sched_state)

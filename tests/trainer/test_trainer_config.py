@@ -30,3 +30,14 @@ def test_overrides_are_parsed_as_yaml_and_checked():
         load_config(None, ["sae.architecture=gated"])
     with pytest.raises(ValueError):
         load_config(None, ["optim.steps"])
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_zero():
+    from trainer.config import OptimConfig
+    from trainer.schedule import default_lr, lr_factor
+
+    optim = OptimConfig(steps=100, warmup_steps=10, decay_start=0.8)
+    factors = [lr_factor(s, optim) for s in range(100)]
+    assert factors[0] == 0.1 and factors[9] == 1.0 and factors[50] == 1.0
+    assert factors[80] == 1.0 and factors[90] == 0.5 and factors[99] == 0.05
+    assert abs(default_lr(2**14) - 2e-4) < 1e-12
