@@ -104,7 +104,9 @@ class ServiceConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API and admin keys.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     sae_registry: Path | None = Field(
-        default=None, description="SAE registry folder: loaded at start; POST /v1/saes paths must lie inside it."
+        default=None,
+        description="SAE registry folder (relative: to the working directory): loaded at start; POST /v1/saes "
+        "paths must lie inside it.",
     )
     load_registry_at_start: bool = Field(default=True, description="Load every SAE of the registry at start.")
     sae_sync_interval_s: float = Field(default=2.0, gt=0, description="Seconds between model replicas' SAE-set checks.")

@@ -23,6 +23,7 @@ from .calls import (
 )
 from .config import ServiceConfig
 from .engine import EngineNotReady, GenerationUpdate, SAEEngine, Sampling
+from .feature_lens import FeatureLens
 from .prompting import PromptRenderer, RenderedPrompt
 from .sae_registry import CARD_FILE, FEATURE_STATS_FILE, check_sae_id, read_json, resolve
 from .stream_batch import batched
@@ -56,8 +57,6 @@ class SAEModel:
         # SAEs come from the directory, so that every replica serves the same set.
         self._engine = await SAEEngine.start(self.config.engine.model_copy(update={"saes": {}}))
         self._prompts = PromptRenderer(self._engine.model_dir)
-        from .feature_lens import FeatureLens
-
         self._lens = FeatureLens(self._engine.model_dir)
         self._directory = directory
         self._loaded: dict[str, tuple[str, int]] = {}  # sae id -> (folder, directory version of its put)

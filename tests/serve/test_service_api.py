@@ -250,3 +250,19 @@ def test_stream_batching_merges_after_the_first_item():
     assert groups[0] == [0] and sum(groups, []) == list(range(6)) and len(groups) < 6
     assert asyncio.run(collect(None)) == [[0], list(range(1, 6))]
     assert asyncio.run(collect(0)) == [[i] for i in range(6)]
+
+
+def test_canonical_serve_config_and_cli(tmp_path, capsys):
+    import yaml
+
+    from serve.cli import DEFAULT_SERVE_CONFIG, main
+
+    doc = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text())
+    assert doc["applications"][0]["import_path"] == "serve.app:build_app"
+    cfg = ServiceConfig.from_yaml(DEFAULT_SERVE_CONFIG)
+    assert cfg.host == doc["http_options"]["host"] and cfg.port == doc["http_options"]["port"]
+    assert (cfg.sae_registry / "smollm2-l15-resid-8x" / "sae.json").is_file()  # the shipped demo SAE
+    bad = tmp_path / "open.yaml"
+    bad.write_text("host: 0.0.0.0\nauth: {api_keys_env: NO_SUCH_ENV_1, admin_keys_env: NO_SUCH_ENV_2}\n")
+    assert main(["up", "--config", str(bad)]) == 2  # refused before Ray starts
+    assert "refuses to listen on '0.0.0.0'" in capsys.readouterr().err
