@@ -117,8 +117,34 @@ def add_up_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# sae-serve train
 
-COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [add_model_commands, add_up_command]
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import subprocess
+
+    # serve/ never imports trainer/: the job runs as its own module, exactly as `ray job submit` would run it.
+    cmd = [sys.executable, "-m", "trainer"] + (["--config", str(args.config)] if args.config else [])
+    for kv in args.set or ():
+        cmd += ["--set", kv]
+    return subprocess.call(cmd)
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``sae-serve train``."""
+    train = subparsers.add_parser("train", help="train, evaluate and publish an SAE (a Ray Train job; `python -m trainer`)")
+    train.add_argument("--config", type=Path, default=None, help="trainer YAML, e.g. trainer/configs/smollm2-l15-resid-8x.yaml")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    train.set_defaults(func=_cmd_train)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_model_commands,
+    add_up_command,
+    add_train_command,
+]
 """Registrars of the top-level command groups, in help order."""
 
 
