@@ -32,6 +32,10 @@ def _interrupt(signum, frame):
 def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
     import os
 
+    if not address:
+        # On Linux ray.init turns 127.0.0.1 into the machine's address unless Ray runs in its single-machine
+        # mode (this switch); it must be set before ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
 
