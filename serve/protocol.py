@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .steering_spec import SteeringEntry
+from .steering_spec import FeatureSelection, SteeringEntry
 
 
 class _Body(BaseModel):
@@ -331,19 +331,11 @@ class ActivationsRequest(_Body):
     add_generation_prompt: bool = Field(default=True, description="With messages: end with the assistant header.")
     saes: list[str] = Field(min_length=1, description="SAE ids to read features from.")
     top_k: int = Field(default=16, ge=0, description="Top features (index, value) per token and SAE.")
-    features: dict[str, list[int]] = Field(default_factory=dict, description="Per SAE, features reported per token.")
+    features: FeatureSelection = Field(default_factory=dict, description="Per SAE, features reported per token.")
     max_tokens: int = Field(default=0, ge=0, description="Continue for this many tokens and include them.")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature of the continuation.")
     seed: int | None = Field(default=None, description="Seed of the continuation.")
     steering: list[SteeringEntry] = Field(default_factory=list, description="Steering applied while reading.")
-
-    @field_validator("features")
-    @classmethod
-    def _non_negative(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
-        for sae_id, idx in v.items():
-            if any(i < 0 for i in idx):
-                raise ValueError(f"features[{sae_id!r}] has a negative index")
-        return v
 
 
 class FeatureValues(_Body):

@@ -143,8 +143,7 @@ class CaptureStore:
         for sae_id, chunks in self._data.pop(capture_id, {}).items():
             pos = torch.cat([c[0] for c in chunks])
             # A recomputed position (preemption) overwrites the earlier value: keep each position's last row.
-            order = torch.arange(len(pos))
-            last = {int(p): int(i) for p, i in zip(pos.tolist(), order.tolist())}
+            last = {p: i for i, p in enumerate(pos.tolist())}
             keep = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long)
             cols = [torch.cat([c[j] for c in chunks])[keep] for j in range(1, 4)]
             out[sae_id] = {

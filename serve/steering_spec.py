@@ -10,14 +10,15 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 EXTRA_ARGS_KEY = "sae_serve"
 
 SteeringOp = Literal["add", "clamp", "mul", "h_bias"]
 Positions = Literal["all", "prompt", "generated"]
+FeatureSelection = dict[str, list[Annotated[int, Field(ge=0)]]]  # SAE id -> feature indices
 
 
 class SteeringEntry(BaseModel):
@@ -39,18 +40,10 @@ class CaptureSpec(BaseModel):
 
     saes: list[str] = Field(min_length=1, description="SAE ids to capture at.")
     top_k: int = Field(default=16, ge=0, le=256, description="Top features (index, value) recorded per token and SAE.")
-    features: dict[str, list[int]] = Field(
+    features: FeatureSelection = Field(
         default_factory=dict, description="Per SAE id, feature indices whose values are recorded for every token."
     )
     include_generated: bool = Field(default=False, description="Also record generated tokens, not only the prompt.")
-
-    @field_validator("features")
-    @classmethod
-    def _features_non_negative(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
-        for sae_id, idx in v.items():
-            if any(i < 0 for i in idx):
-                raise ValueError(f"features[{sae_id!r}] has a negative index")
-        return v
 
 
 @dataclass(frozen=True)
