@@ -88,6 +88,11 @@ class FeatureLens:
             self._stats.put(key, data.get("features") if data else None)
         return self._stats[key]
 
+    def stats(self, sae_id: str, version: str, folder: Path) -> list[dict] | None:
+        """The `features` records of the SAE's feature_stats.json, or None without one."""
+        with self._lock:
+            return self._feature_stats(sae_id, version, folder)
+
     def card(self, sae_id: str, version: str, folder: Path, index: int, top_n: int, token_text) -> dict[str, Any]:
         """The fields of `protocol.FeatureCard` for feature `index` (already checked to be in range)."""
         with self._lock:

@@ -332,3 +332,27 @@ class SAEModel:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+    # --- feature explorer ------------------------------------------------------------------------------------------
+    async def feature_list(self, sae_id: str, query: str, limit: int, offset: int,
+                           version: int = 0) -> dict[str, Any] | CallError:
+        """Feature summaries matching `query` (see serve/feature_search.py), one page."""
+        from .feature_search import search
+
+        await self._catch_up(version)
+        meta = self._meta(sae_id)
+        if meta is None or sae_id not in self._loaded:
+            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
+        records = await asyncio.to_thread(self._lens.stats, sae_id, meta.version, Path(self._loaded[sae_id][0]))
+        return {"sae": sae_id, **search(records, meta.d_sae, query, limit, offset)}
+
+    async def sae_plot(self, sae_id: str, name: str, version: int = 0) -> bytes | CallError:
+        """A PNG the trainer wrote beside the SAE; only files its card lists under files.plots are served."""
+        await self._catch_up(version)
+        if sae_id not in self._loaded:
+            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
+        folder = Path(self._loaded[sae_id][0])
+        plots = ((read_json(folder / CARD_FILE) or {}).get("files") or {}).get("plots") or []
+        if name not in plots or not (folder / name).is_file():
+            return CallError(404, f"SAE {sae_id!r} has no plot {name!r}", "name", "plot_not_found")
+        return await asyncio.to_thread((folder / name).read_bytes)

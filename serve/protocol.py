@@ -409,6 +409,22 @@ class FeatureCard(_Body):
     top_contexts: list[dict[str, Any]] | None = Field(default=None, description="Top-activating contexts.")
 
 
+class FeatureSummary(_Body):
+    id: int = Field(description="Feature index.")
+    density: float | None = Field(description="Fraction of tokens it fires on (feature stats).")
+    max_activation: float | None = Field(description="Largest activation seen (feature stats).")
+    activating_tokens: list[str] = Field(description="The active token of its top contexts, distinct, best first.")
+    top_tokens: list[str] = Field(description="Logit-lens tokens it promotes most (feature stats).")
+    explanation: str | None = Field(description="A label written by the explain job, if any.")
+
+
+class FeatureList(_Body):
+    object: Literal["list"] = Field(default="list", description="Object type.")
+    sae: str = Field(description="SAE id.")
+    total: int = Field(description="Features matching the query (all pages).")
+    data: list[FeatureSummary] = Field(description="This page of matches.")
+
+
 class SAELoadRequest(_Body):
     path: str = Field(min_length=1, description="SAE folder, relative to the registry (or absolute inside it).")
     id: str | None = Field(default=None, description="Id to serve it as (default: the folder name).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import APIError
 from .ingress_context import IngressContext
-from .protocol import FeatureCard, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
+from .protocol import FeatureCard, FeatureList, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
 
 
 async def list_saes(ctx: IngressContext) -> SAEList:
@@ -29,6 +29,14 @@ async def feature_card(ctx: IngressContext, sae_id: str, feature: int, top_n: in
     if not 1 <= top_n <= ctx.config.limits.max_feature_top_n:
         raise APIError(400, f"top_n: must be in [1, {ctx.config.limits.max_feature_top_n}]", "top_n")
     return FeatureCard(**await ctx.model.call("feature", sae_id, feature, top_n, ctx.model.sae_version))
+
+
+async def feature_list(ctx: IngressContext, sae_id: str, query: str, limit: int, offset: int) -> FeatureList:
+    return FeatureList(**await ctx.model.call("feature_list", sae_id, query, limit, offset, ctx.model.sae_version))
+
+
+async def sae_plot(ctx: IngressContext, sae_id: str, name: str) -> bytes:
+    return await ctx.model.call("sae_plot", sae_id, name, ctx.model.sae_version)
 
 
 async def load_sae(ctx: IngressContext, req: SAELoadRequest) -> SAEInfo:
