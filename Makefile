@@ -2,6 +2,8 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
+# Debian's chromium runs the explorer's browser tests (tests/web); apt needs root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup model test up bench
 
@@ -15,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,serve,train,dev]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 	touch $@
 
 model: setup

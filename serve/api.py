@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from .errors import ERROR_TYPES, APIError, install_error_handlers
 from .ingress_context import IngressContext
-from .routes import activations, ops, openai, saes
+from .routes import activations, ops, openai, saes, ui
 
 
 class RequestObserver:
@@ -79,7 +79,7 @@ def create_api(ctx: IngressContext) -> FastAPI:
     )
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (openai, activations, saes, ops):
+    for module in (openai, activations, saes, ops, ui):
         app.include_router(module.router)
     app.add_middleware(RequestObserver, ctx=ctx)
     return app

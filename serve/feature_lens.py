@@ -115,6 +115,6 @@ class FeatureLens:
         }
         record = stats[index] if stats is not None and index < len(stats) else None
         if record is not None and record.get("id", index) == index:
-            for name in ("density", "mean_activation", "max_activation", "top_contexts"):
+            for name in ("density", "mean_activation", "max_activation", "top_contexts", "explanation"):
                 out[name] = record.get(name)
         return out

@@ -407,6 +407,7 @@ class FeatureCard(_Body):
     mean_activation: float | None = Field(default=None, description="Mean activation where active (feature stats).")
     max_activation: float | None = Field(default=None, description="Largest activation seen (feature stats).")
     top_contexts: list[dict[str, Any]] | None = Field(default=None, description="Top-activating contexts.")
+    explanation: str | None = Field(default=None, description="A label written by the explain job (feature stats).")
 
 
 class FeatureSummary(_Body):
@@ -428,6 +429,22 @@ class FeatureList(_Body):
 class SAELoadRequest(_Body):
     path: str = Field(min_length=1, description="SAE folder, relative to the registry (or absolute inside it).")
     id: str | None = Field(default=None, description="Id to serve it as (default: the folder name).")
+
+
+class RegistryEntry(_Body):
+    id: str = Field(description="SAE id in the registry manifest.")
+    version: int = Field(description="Which publish of this id (1, 2, ...).")
+    state: Literal["loaded", "rejected", "pending"] = Field(
+        description="loaded: this publish is served; rejected: it failed validation (see error) and the previous "
+        "SAEs keep serving; pending: not loaded (yet)."
+    )
+    error: str | None = Field(default=None, description="Why the last load of this id failed.")
+
+
+class RegistryStatus(_Body):
+    object: Literal["registry"] = Field(default="registry", description="Object type.")
+    watching: bool = Field(description="Whether new publishes are loaded without a restart.")
+    entries: list[RegistryEntry] = Field(description="The registry manifest's SAEs.")
 
 
 class SAEDeleted(_Body):
