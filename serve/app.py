@@ -33,6 +33,15 @@ def initial_saes(config: ServiceConfig) -> dict[str, str]:
     return saes
 
 
+def published_versions(config: ServiceConfig) -> dict[str, int]:
+    """Registry publish versions present at start: loaded (or deliberately not) by start-up, not by the watcher."""
+    from . import sae_registry
+
+    if config.sae_registry is None:
+        return {}
+    return {sae_id: entry.version for sae_id, entry in sae_registry.published(config.sae_registry).items()}
+
+
 def check_binding(config: ServiceConfig, keys: KeyStore, host: str, warn: bool = True) -> None:
     """Without API keys the service may only listen on loopback; say loudly that auth is off."""
     if keys.enabled:
@@ -61,7 +70,7 @@ def build_app(config: dict[str, Any] | ServiceConfig):
 
     directory = serve.deployment(SAEDirectory, name="SAEDirectory").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}
-    ).bind(initial_saes(config))
+    ).bind(initial_saes(config), published_versions(config))
     model = serve.deployment(SAEModel, name="SAEModel").options(**config.model.serve_options()).bind(plain, directory)
     ingress_options = config.ingress.serve_options()
     # The ingress never blocks its event loop, so Ray Serve may run its code and its handle's router on the

@@ -110,6 +110,12 @@ class ServiceConfig(_Strict):
     )
     load_registry_at_start: bool = Field(default=True, description="Load every SAE of the registry at start.")
     sae_sync_interval_s: float = Field(default=2.0, gt=0, description="Seconds between model replicas' SAE-set checks.")
+    watch_registry: bool = Field(
+        default=True, description="Load what the trainer publishes into the registry (its manifest) without a restart."
+    )
+    registry_poll_interval_s: float = Field(
+        default=0.25, gt=0, description="Seconds between checks of the registry manifest (one stat call each)."
+    )
     stream_batch_ms: float = Field(
         default=50.0, ge=0, description="Shortest window over which a stream's deltas are merged into one message."
     )

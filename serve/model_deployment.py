@@ -25,7 +25,8 @@ from .config import ServiceConfig
 from .engine import EngineNotReady, GenerationUpdate, SAEEngine, Sampling
 from .feature_lens import FeatureLens
 from .prompting import PromptRenderer, RenderedPrompt
-from .sae_registry import CARD_FILE, FEATURE_STATS_FILE, check_sae_id, read_json, resolve
+from .registry_watcher import ManifestWatcher
+from .sae_registry import CARD_FILE, FEATURE_STATS_FILE, check_sae_id, published, read_json, resolve
 from .stream_batch import batched
 from .steering_spec import CaptureSpec, SAEMeta, SpecError
 
@@ -65,6 +66,9 @@ class SAEModel:
         self._sync_lock = asyncio.Lock()
         await self._sync()
         self._sync_task = asyncio.create_task(self._sync_forever())
+        self._watch_task = None
+        if self.config.watch_registry and self.config.sae_registry is not None:
+            self._watch_task = asyncio.create_task(self._watch_registry(ManifestWatcher(self.config.sae_registry)))
 
     # --- SAE set ---------------------------------------------------------------------------------------------------
     async def _sync(self, min_version: int = 0) -> None:
@@ -85,6 +89,7 @@ class SAEModel:
                     if _engine_down(e):
                         raise
                     logger.error("cannot load SAE %r from %s: %s", sae_id, entry[0], e)
+                    await self._directory.reject.remote(sae_id, f"cannot load an SAE from {entry[0]!r}: {e}")
             self._version = snap.version
 
     async def _sync_forever(self) -> None:
@@ -95,9 +100,46 @@ class SAEModel:
             except Exception as e:  # keep converging; a dead engine is reported by check_health
                 logger.warning("SAE sync failed: %s", e)
 
-    async def _catch_up(self, version: int) -> None:
-        if version > self._version:
+    async def _watch_registry(self, watcher: ManifestWatcher) -> None:
+        """Load each new publish of the registry once across replicas (the directory hands out claims)."""
+        handled: dict[str, int] = {}
+        while True:
+            try:
+                for sae_id, entry in (watcher.changed() or {}).items():
+                    if entry.version <= handled.get(sae_id, 0):
+                        continue
+                    handled[sae_id] = entry.version
+                    if await self._directory.claim.remote(sae_id, entry.version):
+                        await self._load_published(sae_id, entry.folder, entry.version)
+            except Exception as e:  # keep watching; a dead engine is reported by check_health
+                logger.warning("SAE registry watch failed: %s", e)
+            await asyncio.sleep(self.config.registry_poll_interval_s)
+
+    async def _load_published(self, sae_id: str, folder: Path, publish_version: int) -> None:
+        result = await self.load_sae(str(folder), sae_id)
+        if isinstance(result, CallError):
+            logger.error("registry publish %d of SAE %r rejected: %s", publish_version, sae_id, result.message)
+            await self._directory.reject.remote(sae_id, result.message)
+        else:
+            logger.info("registry publish %d of SAE %r loaded", publish_version, sae_id)
+
+    async def _catch_up(self, version: int, sae_ids: set[str] = frozenset()) -> None:
+        """Sync when the caller has seen a newer SAE set, or names an SAE another replica may have just loaded."""
+        if version > self._version or not sae_ids <= self._loaded.keys():
             await self._sync(version)
+
+    async def registry_status(self) -> dict[str, Any]:
+        """The registry's publishes and what became of each here: loaded, rejected (why) or pending."""
+        registry = self.config.sae_registry
+        entries = await asyncio.to_thread(published, registry) if registry is not None else {}
+        errors = await self._directory.errors.remote()
+        rows = []
+        for sae_id, entry in entries.items():
+            loaded = self._loaded.get(sae_id, ("",))[0] == str(entry.folder)
+            error = errors.get(sae_id)
+            state = "rejected" if error else "loaded" if loaded else "pending"
+            rows.append({"id": sae_id, "version": entry.version, "state": state, "error": error})
+        return {"watching": self._watch_task is not None, "entries": rows}
 
     def _meta(self, sae_id: str) -> SAEMeta | None:
         return next((m for m in self._engine.saes() if m.sae_id == sae_id), None)
@@ -194,7 +236,7 @@ class SAEModel:
     async def generate(self, call: GenerateCall, prompt_param: str, max_tokens_param: str) -> AsyncIterator[StreamItem]:
         """Stream of StreamItems; an invalid request yields one item carrying only the error."""
         try:
-            await self._catch_up(call.sae_version)
+            await self._catch_up(call.sae_version, {e.sae for e in call.steering})
             rendered = self._prompt(call.prompt, prompt_param)
             if isinstance(rendered, CallError):
                 yield StreamItem(error=rendered)
@@ -254,7 +296,7 @@ class SAEModel:
     async def activations(self, call: ActivationsCall) -> ActivationsOut | CallError:
         param = "messages" if call.prompt.messages is not None else "input"
         try:
-            await self._catch_up(call.sae_version)
+            await self._catch_up(call.sae_version, {e.sae for e in call.steering} | set(call.saes))
             rendered = self._prompt(call.prompt, param)
             if isinstance(rendered, CallError):
                 return rendered

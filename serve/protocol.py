@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .steering_spec import FeatureSelection, SteeringEntry
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _unicode(v: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates, which the tokenizer and vLLM's msgspec transport refuse.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text contains a lone UTF-16 surrogate (not valid Unicode)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+# The seeds vLLM's transport and torch's generators accept.
+SEED_BOUNDS = {"ge": -(1 << 63), "le": (1 << 64) - 1}
 
 
 def _not_supported(value: Any, neutral: tuple, what: str) -> Any:
@@ -49,12 +63,12 @@ class StreamOptions(_Body):
 
 class TextPart(_Body):
     type: Literal["text"] = Field(description="Only text parts are supported.")
-    text: str = Field(description="The text.")
+    text: Text = Field(description="The text.")
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Author of the message.")
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    content: Text | list[TextPart] = Field(description="Text, or a list of text parts.")
     name: str | None = Field(default=None, description="Participant name (accepted; the chat template ignores it).")
 
     def text(self) -> str:
@@ -65,7 +79,7 @@ class ChatMessage(_Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
-Stop = str | list[str] | None
+Stop = Text | list[Text] | None
 
 
 def _check_stop(v: Stop) -> Stop:
@@ -75,11 +89,11 @@ def _check_stop(v: Stop) -> Stop:
 
 
 class _SamplingFields(_Body):
-    model: str = Field(description="Served model name (see /v1/models).")
+    model: Text = Field(description="Served model name (see /v1/models).")
     n: int = Field(default=1, ge=1, description="Choices to generate.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    seed: int | None = Field(default=None, **SEED_BOUNDS, description="Seed for reproducible sampling.")
     stop: Stop = Field(default=None, description="Up to 4 sequences that end generation (not included).")
     stream: bool = Field(default=False, description="Stream server-sent events ending with data: [DONE].")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options (stream only).")
@@ -116,7 +130,7 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(description="Text or token ids (one prompt).")
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(description="Text or token ids (one prompt).")
     max_tokens: int | None = Field(default=16, ge=1, description="Most tokens to generate per choice.")
     logprobs: int | None = Field(default=None, ge=0, description="Top logprobs per generated token.")
     echo: bool = Field(default=False, description="Only false is supported.")
@@ -325,8 +339,8 @@ class ModelList(_Body):
 
 
 class ActivationsRequest(_Body):
-    model: str | None = Field(default=None, description="Served model name (optional).")
-    input: str | None = Field(default=None, description="Text to analyse (or give messages).")
+    model: Text | None = Field(default=None, description="Served model name (optional).")
+    input: Text | None = Field(default=None, description="Text to analyse (or give messages).")
     messages: list[ChatMessage] | None = Field(default=None, description="Chat to analyse, chat template applied.")
     add_generation_prompt: bool = Field(default=True, description="With messages: end with the assistant header.")
     saes: list[str] = Field(min_length=1, description="SAE ids to read features from.")
@@ -334,7 +348,7 @@ class ActivationsRequest(_Body):
     features: FeatureSelection = Field(default_factory=dict, description="Per SAE, features reported per token.")
     max_tokens: int = Field(default=0, ge=0, description="Continue for this many tokens and include them.")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature of the continuation.")
-    seed: int | None = Field(default=None, description="Seed of the continuation.")
+    seed: int | None = Field(default=None, **SEED_BOUNDS, description="Seed of the continuation.")
     steering: list[SteeringEntry] = Field(default_factory=list, description="Steering applied while reading.")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,30 @@ def check_sae_id(sae_id: str) -> str | None:
             "starting with a letter or digit")
 
 
+@dataclass(frozen=True)
+class Published:
+    """One manifest entry: where the SAE lies and which publish of that id it is (1, 2, ...)."""
+
+    folder: Path
+    version: int
+
+
+def published(registry: Path) -> dict[str, Published]:
+    """The manifest's entries (the trainer's publish writes it atomically); {} when there is no manifest."""
+    manifest = registry / MANIFEST
+    if not manifest.is_file():
+        return {}
+    entries = json.loads(manifest.read_text()).get("saes", {})
+    return {sae_id: Published(registry / entry["path"], int(entry.get("version", 1)))
+            for sae_id, entry in sorted(entries.items())}
+
+
 def scan(registry: Path) -> dict[str, Path]:
     """SAE id -> folder: the manifest's entries if the trainer published one, else every SAE-looking subfolder."""
     from sae import detect_format
 
-    manifest = registry / MANIFEST
-    if manifest.is_file():
-        entries = json.loads(manifest.read_text()).get("saes", {})
-        return {sae_id: registry / entry["path"] for sae_id, entry in sorted(entries.items())}
+    if (registry / MANIFEST).is_file():
+        return {sae_id: entry.folder for sae_id, entry in published(registry).items()}
     found: dict[str, Path] = {}
     for sub in sorted(registry.iterdir()) if registry.is_dir() else ():
         if not sub.is_dir() or sub.name.startswith(".") or check_sae_id(sub.name):

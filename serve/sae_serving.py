@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import APIError
 from .ingress_context import IngressContext
-from .protocol import FeatureCard, FeatureList, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
+from .protocol import FeatureCard, FeatureList, RegistryStatus, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
 
 
 async def list_saes(ctx: IngressContext) -> SAEList:
@@ -59,3 +59,7 @@ async def unload_sae(ctx: IngressContext, sae_id: str) -> SAEDeleted:
     ctx.model.saw_version(version)
     ctx.metrics.sae_events.labels("unload", "ok").inc()
     return SAEDeleted(id=sae_id)
+
+
+async def registry_status(ctx: IngressContext) -> RegistryStatus:
+    return RegistryStatus(**await ctx.model.call("registry_status"))

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from .. import sae_serving
 from ..ingress_context import IngressContext
-from ..protocol import FeatureCard, FeatureList, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
+from ..protocol import FeatureCard, FeatureList, RegistryStatus, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
 from .deps import get_ctx, require_admin, require_user
 
 router = APIRouter(dependencies=[Depends(require_user)])
@@ -51,3 +51,9 @@ async def load_sae(req: SAELoadRequest, ctx: IngressContext = Depends(get_ctx)) 
 @router.delete("/v1/saes/{sae_id}", response_model=SAEDeleted, dependencies=[Depends(require_admin)])
 async def unload_sae(sae_id: str, ctx: IngressContext = Depends(get_ctx)) -> SAEDeleted:
     return await sae_serving.unload_sae(ctx, sae_id)
+
+
+@router.get("/v1/registry", response_model=RegistryStatus)
+async def registry_status(ctx: IngressContext = Depends(get_ctx)) -> RegistryStatus:
+    """What became of each SAE the trainer published into the registry (loaded, rejected with why, pending)."""
+    return await sae_serving.registry_status(ctx)
