@@ -9,6 +9,7 @@ import json
 import time
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 
 from .errors import ERROR_TYPES, APIError, install_error_handlers
 from .ingress_context import IngressContext
@@ -55,7 +56,8 @@ class RequestObserver:
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > limit:
-                    raise APIError(413, f"the request body is larger than {limit} bytes")
+                    # FastAPI turns anything else raised while it reads the body into a 400 "error parsing the body".
+                    raise HTTPException(413, f"the request body is larger than {limit} bytes")
             return message
 
         length = dict(scope.get("headers") or []).get(b"content-length")
