@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from clients.cli import add_client_commands
+
 # --------------------------------------------------------------------------------------------------------------------
 # sae-serve model ...
 
@@ -144,6 +146,7 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_model_commands,
     add_up_command,
     add_train_command,
+    add_client_commands,
 ]
 """Registrars of the top-level command groups, in help order."""
 
