@@ -139,7 +139,8 @@ export async function playgroundView(main, params) {
       searchStatus.el.textContent = `Showing ${found.data.length} of ${found.total} matches.`;
     }
     results.replaceChildren(...found.data.map((f) => h("li", {},
-      h("button", { type: "button", onclick: () => steering.add(select.value, f.id) }, `Add #${f.id}`),
+      h("button", { type: "button", class: "add", "data-feature": f.id,
+        onclick: () => steering.add(select.value, f.id) }, `Add #${f.id}`),
       h("span", { class: "summary" }, ` ${summaryText(f)}`))));
   };
 
