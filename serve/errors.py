@@ -26,6 +26,9 @@ ERROR_TYPES = {
     503: "service_unavailable_error",
 }
 
+# A model replica or engine that is down is replaced by Ray Serve (the engine restarts in about a minute).
+UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}
+
 
 class APIError(Exception):
     """Raised anywhere in a request; rendered in the OpenAI error shape."""
@@ -47,7 +50,8 @@ class APIError(Exception):
 
     @classmethod
     def from_call(cls, err: CallError) -> "APIError":
-        return cls(err.status, err.message, err.param, err.code)
+        return cls(err.status, err.message, err.param, err.code,
+                   headers=UNAVAILABLE_RETRY_AFTER if err.status == 503 else None)
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)

@@ -1,7 +1,8 @@
 """The ingress's side of the model deployment: handle calls, with Ray's failures turned into HTTP errors.
 
 Overload (the model deployment's `max_queued_requests` reached) answers at once with Ray's BackPressureError,
-which becomes a 503 with Retry-After; a dead or missing replica becomes a 503 as well.
+which becomes a 503 with Retry-After; a dead or missing replica (killed, restarting) becomes a 503 with Retry-After
+as well.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .calls import CallError, GenerateCall, StreamItem
-from .errors import APIError
+from .errors import UNAVAILABLE_RETRY_AFTER, APIError
 
 
 @contextlib.contextmanager
@@ -26,7 +27,8 @@ def _ray_errors():
         raise APIError(e.status_code, "the service is overloaded; retry later", code="overloaded",
                        headers=retry) from None
     except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError, ActorUnavailableError):
-        raise APIError(503, "the model is unavailable; retry shortly", code="model_unavailable") from None
+        raise APIError(503, "the model is unavailable; retry shortly", code="model_unavailable",
+                       headers=UNAVAILABLE_RETRY_AFTER) from None
 
 
 def _raise_if_error(result: Any) -> Any:
