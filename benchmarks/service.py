@@ -113,26 +113,10 @@ async def compare(cfg: dict, sae_dir: Path, base_url: str, work, repeats: int) -
 
 def serve_and_compare(cfg: dict, registry: Path, work, repeats: int) -> tuple[float, float]:
     """The service (idle while the engine runs and the other way round) and the raw engine, side by side."""
-    import socket
+    from benchmarks.local_service import running_service
 
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"engine": cfg, "sae_registry": str(registry), "port": port}), name="sae-serve",
-                  route_prefix="/")
-        return asyncio.run(compare(cfg, registry / "bench", f"http://127.0.0.1:{port}", work, repeats))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_service({"engine": cfg, "sae_registry": str(registry)}) as base_url:
+        return asyncio.run(compare(cfg, registry / "bench", base_url, work, repeats))
 
 
 def naive_run(sae_dir: Path, work, n: int, threads: int) -> float:
