@@ -45,6 +45,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `disruptive` (they break the shared service and wait for it to recover) run last."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
 @pytest.fixture(scope="session")
 def sae_registry(tmp_path_factory) -> Path:
     """A registry whose manifest lists `toy` (with a card and feature stats); `extra` is there but not listed."""
