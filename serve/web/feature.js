@@ -35,7 +35,7 @@ export async function featureView(main, sae, index) {
     h("a", { href: base }, `all of ${sae}`),
     h("a", { href: `#/activations?sae=${encodeURIComponent(sae)}&feature=${index}` }, "Read text with it"));
   const contexts = feature.top_contexts;
-  main.append(
+  main.append(...[
     feature.explanation ? h("p", { class: "explanation" }, feature.explanation) : null,
     h("div", { class: "row" }, steer), nav,
     h("table", { class: "card" }, h("tbody", {},
@@ -51,5 +51,5 @@ export async function featureView(main, sae, index) {
     contexts && contexts.length
       ? h("ol", { class: "contexts", id: "top-contexts" }, contexts.map(context))
       : h("p", { class: "hint" }, "No recorded contexts."),
-  );
+  ].filter(Boolean));
 }

@@ -137,6 +137,7 @@ def test_feature_page_shows_contexts_lens_density_and_steers(page, service, shot
     assert lens.nth(0).locator("li").count() == lens.nth(1).locator("li").count() == 10
     assert lens.nth(0).locator("li").first.inner_text().endswith(str(round(card["top_tokens"][0]["logit"], 3)))
     assert page.locator(".chart .bar").count() == 30 and page.locator(".chart .marker").count() == 1
+    assert "null" not in page.locator("main").inner_text()  # toy has no explanations: nothing is shown
     page.get_by_role("button", name="Steer with this").click()
     page.locator('.steering li[data-key="toy#7"]').wait_for()
     assert page.evaluate("location.hash") == "#/playground?sae=toy&feature=7"
@@ -225,5 +226,7 @@ def test_sae_page_shows_card_curves_histogram_and_searches_explanations(page, se
     shot(page, "sae-page")
     assert found.count() == 1 and "ships in a harbour" in found.first.inner_text()
     found.first.get_by_role("link").click()
-    page.get_by_text("ships in a harbour").wait_for()  # the feature page shows the explanation too
+    explanation = page.locator("p.explanation")
+    explanation.wait_for()  # the feature page shows it too
+    assert explanation.inner_text() == "ships in a harbour"
     assert page.evaluate("location.hash") == f"#/sae/{carded_sae}/feature/3"
