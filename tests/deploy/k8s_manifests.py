@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -17,6 +17,8 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 CRDS = K8S / "crds"
 OVERLAYS = ("cpu", "gpu")
+IMAGE_APP_DIR = PurePosixPath("/app")
+"""WORKDIR of deploy/docker/Dockerfile.*: the repository files the images copy lie under it."""
 KUBERNETES_VERSION = "1.35"
 """The Kubernetes version whose schemas (bundled in kubernetes-validate) the core kinds are checked against."""
 
@@ -93,3 +95,16 @@ def ray_pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     groups = [("head", cluster["headGroupSpec"])]
     groups += [(g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
     return [(name, group["template"]) for name, group in groups]
+
+
+def mounts(template: dict[str, Any]) -> dict[PurePosixPath, str]:
+    """Mount path -> claim name of the PVC mounts of a pod template's containers."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in template["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+    return {PurePosixPath(m["mountPath"]): claims[m["name"]]
+            for c in template["spec"]["containers"] for m in c.get("volumeMounts", []) if m["name"] in claims}
+
+
+def claim_of(path: PurePosixPath, template: dict[str, Any]) -> str | None:
+    """The claim of the PVC mounted at or above `path` in the pod template, or None."""
+    return next((claim for mount, claim in mounts(template).items() if mount in (path, *path.parents)), None)

@@ -14,10 +14,9 @@ from ray.serve.schema import ServeDeploySchema
 from serve.app import check_binding
 from serve.auth import KeyStore
 from serve.config import ServiceConfig, service_args
-from tests.deploy.k8s_manifests import DEPLOY, K8S, OVERLAYS, REPO, one, ray_pod_templates, rendered
-
-IMAGE_APP_DIR = PurePosixPath("/app")
-"""WORKDIR of deploy/docker/Dockerfile.*: the repository's files the images copy live under it."""
+from tests.deploy.k8s_manifests import (
+    DEPLOY, IMAGE_APP_DIR, K8S, OVERLAYS, REPO, claim_of, one, ray_pod_templates, rendered,
+)
 
 BASE_CHANGES = {("http_options", "host"), ("args", "host"), ("args", "sae_registry")}
 DOCUMENTED_CHANGES = {
@@ -123,18 +122,6 @@ def test_service_refuses_to_start_without_keys_and_starts_with_the_secrets_keys(
     check_binding(config, KeyStore.from_config(config.auth), config.host)
     secret = one(rendered(overlay), "Secret", "sae-serve-api-keys")
     assert set(secret["stringData"]) == {config.auth.api_keys_env, config.auth.admin_keys_env}
-
-
-def mounts(template: dict) -> dict[PurePosixPath, str]:
-    """Mount path -> claim name of the PVC mounts of a pod template's containers."""
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-              for v in template["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
-    return {PurePosixPath(m["mountPath"]): claims[m["name"]]
-            for c in template["spec"]["containers"] for m in c.get("volumeMounts", []) if m["name"] in claims}
-
-
-def claim_of(path: PurePosixPath, template: dict) -> str | None:
-    return next((claim for mount, claim in mounts(template).items() if mount in (path, *path.parents)), None)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
