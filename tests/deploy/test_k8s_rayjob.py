@@ -34,6 +34,12 @@ def entrypoint() -> tuple[list[str], str, list[str]]:
     return command, config, overrides
 
 
+def trainer_config():
+    """The TrainerConfig the entrypoint runs (its config file is the repository's, copied into the image)."""
+    _, config, overrides = entrypoint()
+    return load_config(REPO / PurePosixPath(config).relative_to(IMAGE_APP_DIR), overrides)
+
+
 def test_entrypoint_is_the_local_training_command():
     command, config, _ = entrypoint()
     assert command == ["python", "-m", "trainer"]
@@ -42,8 +48,7 @@ def test_entrypoint_is_the_local_training_command():
 
 
 def test_trainer_accepts_the_config_with_the_overrides():
-    _, config, overrides = entrypoint()
-    cfg = load_config(REPO / PurePosixPath(config).relative_to(IMAGE_APP_DIR), overrides)
+    cfg = trainer_config()
     served = service_args(yaml.safe_load(one(rendered("cpu"), "RayService")["spec"]["serveConfigV2"]))
     assert cfg.publish.registry == served["sae_registry"]
     home = PurePosixPath(env_of(DOCKERFILES["cpu"])["SAE_SERVE_HOME"])
@@ -51,8 +56,7 @@ def test_trainer_accepts_the_config_with_the_overrides():
 
 
 def test_everything_the_job_writes_lands_on_the_registry_pvc_on_every_pod():
-    _, config, overrides = entrypoint()
-    cfg = load_config(REPO / PurePosixPath(config).relative_to(IMAGE_APP_DIR), overrides)
+    cfg = trainer_config()
     written = [cfg.publish.registry, cfg.run.storage_path, cfg.data.cache_dir]
     for name, template in ray_pod_templates(rayjob()):
         for path in map(PurePosixPath, written):
@@ -62,8 +66,7 @@ def test_everything_the_job_writes_lands_on_the_registry_pvc_on_every_pod():
 
 
 def test_job_cluster_has_the_cpus_the_train_workers_ask_for():
-    _, config, overrides = entrypoint()
-    cfg = load_config(REPO / PurePosixPath(config).relative_to(IMAGE_APP_DIR), overrides)
+    cfg = trainer_config()
     spec = rayjob()["spec"]
     worker_cpus = sum(float(g["rayStartParams"]["num-cpus"]) * g["maxReplicas"]
                       for g in spec["rayClusterSpec"]["workerGroupSpecs"])
