@@ -52,6 +52,8 @@ def _tokens(tokens: list[LogitLensToken]) -> str:
 
 def feature_card(card: FeatureCard) -> str:
     lines = [f"{card.sae} feature {card.feature}  (decoder norm {card.decoder_norm:.3f})"]
+    if card.explanation:
+        lines.append(f"explanation: {card.explanation}")
     stats = [f"{name} {value:.4g}" for name, value in (("density", card.density),
                                                         ("mean activation", card.mean_activation),
                                                         ("max activation", card.max_activation)) if value is not None]

@@ -219,6 +219,7 @@ class FeatureCard(_Response):
     mean_activation: float | None = Field(default=None, description="Mean activation where active (feature stats).")
     max_activation: float | None = Field(default=None, description="Largest activation seen (feature stats).")
     top_contexts: list[dict[str, Any]] | None = Field(default=None, description="Top-activating contexts.")
+    explanation: str | None = Field(default=None, description="A label written by the explain job, if any.")
 
 
 class SAEDeleted(_Response):
