@@ -46,6 +46,7 @@ class DeploymentSettings(_Strict):
         default=64, ge=-1, description="Requests waiting per caller before it answers 503 at once (-1: unbounded)."
     )
     num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs Ray reserves per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica (1 for a vLLM GPU engine).")
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments of `Deployment.options`."""
@@ -54,6 +55,8 @@ class DeploymentSettings(_Strict):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus},
         }
+        if self.num_gpus:
+            opts["ray_actor_options"]["num_gpus"] = self.num_gpus
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
         else:

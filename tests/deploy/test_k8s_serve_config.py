@@ -23,7 +23,7 @@ DOCUMENTED_CHANGES = {
     "cpu": BASE_CHANGES | {("args", "engine", "saes"), ("args", "model", "autoscaling")},
     "gpu": BASE_CHANGES | {("args", "served_model_name"), ("args", "engine", "model"), ("args", "engine", "dtype"),
                            ("args", "engine", "max_model_len"), ("args", "engine", "kv_cache_gib"),
-                           ("args", "engine", "saes"), ("args", "model", "num_cpus"),
+                           ("args", "engine", "saes"), ("args", "model", "num_cpus"), ("args", "model", "num_gpus"),
                            ("args", "model", "autoscaling")},
 }
 """Where an overlay's Serve config may differ from the local one: the list in docs/deploy.md."""
