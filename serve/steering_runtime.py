@@ -306,39 +306,67 @@ class SteeringRuntime:
 
 
 def _steering_delta(g: _SteerGroup, x: torch.Tensor) -> torch.Tensor:  # x [n, d_in] -> [n, d_in]
-    """Sum over entries of coef[r, e] · d_e, with the coefficient each op defines; h_bias and TopK use a full encode."""
+    """Sum over entries of coef[r, e] · d_e with the coefficient each op defines, plus h_bias's change of the
+    activations. Only the entries' features are encoded, except for TopK, whose activations depend on the k-th
+    largest pre-activation of the row (one full encode and one top-k, then everything stays k-sized)."""
     sae = g.sae
     add, clamp, mul, h_bias = (g.ops == i for i in range(4))
     coef = torch.where(add, g.values, torch.zeros_like(g.values)).expand(x.shape[0], -1)  # [n, E]
-    delta = torch.zeros_like(x)
-    needs_f = clamp | mul
-    rows = None
-    if bool((needs_f | h_bias).any()):
-        active = g.mask[:, needs_f | h_bias].any(dim=1)
-        rows = active.nonzero().squeeze(1)
-    if rows is not None and rows.numel():
-        xr = x[rows]
-        if sae.needs_full_encode or bool(h_bias.any()):
-            pre = xr @ sae.W_enc + sae.b_enc  # [r, d_sae]
-            f_full = sae.module.activate(pre)
-            f = f_full[:, g.features]  # [r, E]
-        else:
-            pre_sel = xr @ sae.W_enc[:, g.features] + sae.b_enc[g.features]  # [r, E]
-            f = sae.activate_columns(pre_sel, g.features)
-        c = coef[rows].clone()
-        c = torch.where(clamp, g.values - f, c)
-        c = torch.where(mul, (g.values - 1.0) * f, c)
-        coef = coef.clone()
-        coef[rows] = torch.where(h_bias, torch.zeros_like(c), c)
+    needs_f = clamp | mul | h_bias
+    rows = g.mask[:, needs_f].any(dim=1).nonzero().squeeze(1) if bool(needs_f.any()) else None
+    if rows is None or rows.numel() == 0:
+        return (coef * g.mask) @ sae.W_dec[g.features]
+    features, inv = g.features.unique(return_inverse=True)  # [U], [E]
+    mask = g.mask[rows]  # [r, E]
+    bias = torch.zeros(len(rows), len(features), dtype=x.dtype)  # [r, U] summed h_bias per feature
+    bias.index_add_(1, inv, mask * torch.where(h_bias, g.values, torch.zeros_like(g.values)))
+    xr = x[rows]
+    extra = torch.zeros_like(x)
+    if sae.needs_full_encode:
+        f_u, hb_delta = _topk_activations(sae, xr, features, bias)
+        if hb_delta is not None:
+            extra[rows] = hb_delta
+    else:
+        pre_u = xr @ sae.W_enc[:, features] + sae.b_enc[features]  # [r, U]
+        f_u = sae.activate_columns(pre_u, features)
         if bool(h_bias.any()):
-            bias = torch.zeros_like(pre)
-            hb = (g.mask[rows] * h_bias * g.values)  # [r, E]
-            bias.index_add_(1, g.features, hb)
-            diff = sae.module.activate(pre + bias) - f_full  # [r, d_sae]
-            cols = diff.ne(0).any(dim=0).nonzero().squeeze(1)
-            delta[rows] += diff[:, cols] @ sae.W_dec[cols]
-    delta += (coef * g.mask) @ sae.W_dec[g.features]
-    return delta
+            extra[rows] = (sae.activate_columns(pre_u + bias, features) - f_u) @ sae.W_dec[features]
+    f = f_u[:, inv]  # [r, E]
+    c = coef[rows]
+    c = torch.where(clamp, g.values - f, c)
+    c = torch.where(mul, (g.values - 1.0) * f, c)
+    coef = coef.clone()
+    coef[rows] = torch.where(h_bias, torch.zeros_like(c), c)
+    return (coef * g.mask) @ sae.W_dec[g.features] + extra
+
+
+def _topk_activations(
+    sae: WorkerSAE, x: torch.Tensor, features: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TopK activations of `features` [r, U] and, with h_bias, the change it makes to the decoded output [r, d_in].
+    With at most m biased latents per row, unbiased latents outside the top k+m can never enter the new top k, so
+    the new k-th largest is found among k+2m candidates instead of a second full top-k."""
+    k = sae.module.cfg.k
+    m = int(bias.ne(0).sum(dim=1).max())
+    pre = x @ sae.W_enc + sae.b_enc  # [r, d_sae]
+    top_vals, top_idx = pre.relu().topk(min(k + m, pre.shape[1]), dim=-1)  # sorted, [r, k+m]
+    t0 = top_vals[:, k - 1 : k]  # [r, 1] k-th largest activation
+    pre_u = pre[:, features]  # [r, U]
+    a_u = pre_u.relu()
+    f_u = a_u * (a_u >= t0)
+    if m == 0:
+        return f_u, None
+    in_top = top_idx.unsqueeze(2) == features.view(1, 1, -1)  # [r, k+m, U]
+    cand_new = (pre.gather(1, top_idx) + (in_top * bias.unsqueeze(1)).sum(dim=2)).relu()  # [r, k+m]
+    u_new = (pre_u + bias).relu()  # [r, U]
+    outside = ~in_top.any(dim=1)  # [r, U] biased features not among the candidates
+    pool = torch.cat([cand_new, u_new.masked_fill(~outside, -1.0)], dim=1)
+    t1 = pool.topk(k, dim=-1).values[:, -1:]  # [r, 1] k-th largest after the bias
+    change = torch.zeros_like(pre)  # [r, d_sae], non-zero only where an activation moved
+    change.scatter_(1, top_idx, cand_new * (cand_new >= t1) - top_vals * (top_vals >= t0))
+    change[:, features] += (u_new * (u_new >= t1) - f_u) * outside
+    cols = change.ne(0).any(dim=0).nonzero().squeeze(1)
+    return f_u, change[:, cols] @ sae.W_dec[cols]
 
 
 ACTIVE: SteeringRuntime | None = None
