@@ -25,7 +25,10 @@ OPERATIONS = [
     ("GET", "/v1/saes"),
     ("POST", "/v1/saes"),
     ("GET", "/v1/saes/{sae_id}"),
+    ("GET", "/v1/saes/{sae_id}/features"),
     ("GET", "/v1/saes/{sae_id}/features/{feature}"),
+    ("GET", "/v1/saes/{sae_id}/plots/{name}"),
+    ("GET", "/v1/registry"),
     ("GET", "/health"),
     ("GET", "/metrics"),
 ]
