@@ -31,8 +31,11 @@ def page(browser, service):
     context = browser.new_context(base_url=service.base_url, viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(120_000)  # answers come from the real engine on a shared 2-core CPU
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
     yield page
     context.close()
+    assert errors == [], f"uncaught errors in the page: {errors}"
 
 
 @pytest.fixture

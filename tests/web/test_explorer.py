@@ -225,7 +225,7 @@ def test_sae_page_shows_card_curves_histogram_and_searches_explanations(page, se
     found.first.wait_for()
     shot(page, "sae-page")
     assert found.count() == 1 and "ships in a harbour" in found.first.inner_text()
-    found.first.get_by_role("link").click()
+    found.first.get_by_role("link").press("Enter")  # keyboard: a full-page screenshot can leave clicks misplaced
     explanation = page.locator("p.explanation")
     explanation.wait_for()  # the feature page shows it too
     assert explanation.inner_text() == "ships in a harbour"
