@@ -11,20 +11,23 @@ import { homeView, saeView } from "./sae.js";
 const main = document.getElementById("view");
 
 function route() {
+  // Each visit renders into its own element, so a slow view left behind never writes into the next page.
+  const view = h("div");
+  main.replaceChildren(view);
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   for (const link of document.querySelectorAll("header nav a")) {
     link.toggleAttribute("aria-current", link.getAttribute("href") === `#/${parts[0] || ""}`);
   }
-  if (parts[0] === "playground") return playgroundView(main, params);
-  if (parts[0] === "activations") return activationsView(main, params);
-  if (parts[0] === "sae" && parts.length === 2) return saeView(main, parts[1]);
+  if (parts[0] === "playground") return playgroundView(view, params);
+  if (parts[0] === "activations") return activationsView(view, params);
+  if (parts[0] === "sae" && parts.length === 2) return saeView(view, parts[1]);
   if (parts[0] === "sae" && parts.length === 4 && parts[2] === "feature" && /^\d+$/.test(parts[3])) {
-    return featureView(main, parts[1], Number(parts[3]));
+    return featureView(view, parts[1], Number(parts[3]));
   }
-  if (parts.length === 0) return homeView(main);
-  main.replaceChildren(h("h1", {}, "Not found"),
+  if (parts.length === 0) return homeView(view);
+  view.replaceChildren(h("h1", {}, "Not found"),
     h("p", { role: "alert" }, `There is no page at “${location.hash}”.`), h("a", { href: "#/" }, "Loaded SAEs"));
 }
 

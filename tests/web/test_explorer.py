@@ -182,6 +182,7 @@ def test_api_errors_are_stated_in_plain_words(page, service, shot):
     error.wait_for()
     shot(page, "error")
     assert error.inner_text() == "Error: feature 999999 out of range for SAE 'toy' with 256 features"
+    assert page.locator(".sae-list").count() == 0  # the list the key change re-rendered never lands here
     assert error.get_attribute("role") == "alert"
 
 
