@@ -27,6 +27,7 @@ KEY_ENV = "SAE_SERVE_API_KEY"
 Messages = str | Sequence[ChatMessage | dict[str, Any]]
 Steering = Sequence[SteeringEntry | dict[str, Any] | str]
 
+_CUT_STREAM = APIConnectionError("the stream ended before data: [DONE]", type="connection_error")
 # Nothing was sent when these happen, so any request may be repeated.
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
@@ -214,8 +215,7 @@ class SAEServeClient(_Endpoints):
         decoder = SSEDecoder()
         try:
             for line in response.iter_lines():
-                event = decoder.feed(line)
-                if event is DONE:
+                if (event := decoder.feed(line)) is DONE:
                     return
                 if event is not None:
                     yield call.parse_chunk(event)
@@ -223,7 +223,7 @@ class SAEServeClient(_Endpoints):
             raise _connection_error(e, self.base_url) from e
         finally:
             response.close()
-        raise APIConnectionError("the stream ended before data: [DONE]", type="connection_error")
+        raise _CUT_STREAM
 
 
 class AsyncSAEServeClient(_Endpoints):
@@ -273,8 +273,7 @@ class AsyncSAEServeClient(_Endpoints):
         decoder = SSEDecoder()
         try:
             async for line in response.aiter_lines():
-                event = decoder.feed(line)
-                if event is DONE:
+                if (event := decoder.feed(line)) is DONE:
                     return
                 if event is not None:
                     yield call.parse_chunk(event)
@@ -282,4 +281,4 @@ class AsyncSAEServeClient(_Endpoints):
             raise _connection_error(e, self.base_url) from e
         finally:
             await response.aclose()
-        raise APIConnectionError("the stream ended before data: [DONE]", type="connection_error")
+        raise _CUT_STREAM
