@@ -27,7 +27,6 @@ KEY_ENV = "SAE_SERVE_API_KEY"
 Messages = str | Sequence[ChatMessage | dict[str, Any]]
 Steering = Sequence[SteeringEntry | dict[str, Any] | str]
 
-_CUT_STREAM = APIConnectionError("the stream ended before data: [DONE]", type="connection_error")
 # Nothing was sent when these happen, so any request may be repeated.
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
@@ -50,6 +49,10 @@ def _response_error(response: httpx.Response) -> SAEServeError:
 
 def _connection_error(e: httpx.TransportError, base_url: str) -> APIConnectionError:
     return APIConnectionError(f"no response from {base_url}: {type(e).__name__}: {e}", type="connection_error")
+
+
+def _cut_stream() -> APIConnectionError:
+    return APIConnectionError("the stream ended before data: [DONE]", type="connection_error")
 
 
 class _Attempts:
@@ -223,7 +226,7 @@ class SAEServeClient(_Endpoints):
             raise _connection_error(e, self.base_url) from e
         finally:
             response.close()
-        raise _CUT_STREAM
+        raise _cut_stream()
 
 
 class AsyncSAEServeClient(_Endpoints):
@@ -281,4 +284,4 @@ class AsyncSAEServeClient(_Endpoints):
             raise _connection_error(e, self.base_url) from e
         finally:
             await response.aclose()
-        raise _CUT_STREAM
+        raise _cut_stream()
