@@ -15,14 +15,6 @@ from tests.deploy.k8s_manifests import (
 )
 
 
-def test_crd_copies_are_the_shared_ones_when_present():
-    shared = K8S.parents[2] / "shared" / "k8s" / "crds"
-    if not shared.is_dir():
-        pytest.skip("no ../shared checkout next to this repository (a fresh clone elsewhere)")
-    for path in sorted(shared.glob("*.yaml")):
-        assert (CRDS / path.name).read_bytes() == path.read_bytes(), f"{path.name} differs from ../shared"
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_the_expected_kinds(overlay):
     kinds = sorted(d["kind"] for d in rendered(overlay))
