@@ -6,6 +6,7 @@ and loads the directory's SAEs). Disruptive: it runs after every other test of t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -114,7 +115,9 @@ def _wait_until_healthy(service) -> float:
 @pytest.mark.disruptive
 def test_killed_model_replica_gives_clean_503s_and_recovers(service, record_property):
     (pid,) = model_replica_pids()
-    in_flight, sent_while_down = asyncio.run(_kill_under_load(service, pid))
+    # A thread of its own: the browser tests' Playwright (sync API) keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight, sent_while_down = pool.submit(asyncio.run, _kill_under_load(service, pid)).result()
     assert set(in_flight) <= {"ok", "down"}, in_flight
     assert "down" in in_flight, f"the kill hit no request in flight: {in_flight}"
     assert set(sent_while_down) <= {"ok", "down"}, sent_while_down
