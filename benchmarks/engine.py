@@ -5,7 +5,7 @@ SAE at blocks.15.resid_post — the worst case: clamp and h_bias on TopK need a 
 unsteered; conditions are interleaved over repeats and the median kept. Then per-token capture of a 128-token prompt
 against a plain prefill of it. The last line is JSON.
 
-    python -m benchmarks.engine [--eager] [--repeats 3] [--sae DIR]
+    python -m benchmarks.engine [--eager] [--repeats 5] [--sae DIR]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ async def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per condition")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per condition")
     parser.add_argument("--prefill-repeats", type=int, default=20, help="timed prefills per side")
     parser.add_argument("--sae", help="SAE folder to steer with (default: a random 8x TopK at blocks.15.resid_post)")
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
