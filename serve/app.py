@@ -68,8 +68,9 @@ def build_app(config: dict[str, Any] | ServiceConfig):
     check_binding(config, keys, config.host)
     plain = config.model_dump(mode="json")
 
+    # Replicas poll the directory every sae_sync_interval_s: access logs of those calls would drown the console.
     directory = serve.deployment(SAEDirectory, name="SAEDirectory").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}
+        num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False}
     ).bind(initial_saes(config), published_versions(config))
     model = serve.deployment(SAEModel, name="SAEModel").options(**config.model.serve_options()).bind(plain, directory)
     ingress_options = config.ingress.serve_options()
