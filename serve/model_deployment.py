@@ -24,6 +24,7 @@ from .calls import (
 from .config import ServiceConfig
 from .engine import EngineNotReady, GenerationUpdate, SAEEngine, Sampling
 from .feature_lens import FeatureLens
+from .feature_search import search
 from .prompting import PromptRenderer, RenderedPrompt
 from .registry_watcher import ManifestWatcher
 from .sae_registry import CARD_FILE, FEATURE_STATS_FILE, check_sae_id, published, read_json, resolve
@@ -141,32 +142,35 @@ class SAEModel:
             rows.append({"id": sae_id, "version": entry.version, "state": state, "error": error})
         return {"watching": self._watch_task is not None, "entries": rows}
 
-    def _meta(self, sae_id: str) -> SAEMeta | None:
-        return next((m for m in self._engine.saes() if m.sae_id == sae_id), None)
+    async def _served(self, sae_id: str, version: int) -> tuple[SAEMeta, Path] | CallError:
+        """The SAE's metadata and folder once this replica has caught up, or the 404 for an SAE not loaded."""
+        await self._catch_up(version)
+        meta = next((m for m in self._engine.saes() if m.sae_id == sae_id), None)
+        if meta is None or sae_id not in self._loaded:
+            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
+        return meta, Path(self._loaded[sae_id][0])
 
     async def saes(self, version: int = 0) -> list[dict[str, Any]]:
         await self._catch_up(version)
         return [meta_dict(m) for m in sorted(self._engine.saes(), key=lambda m: m.sae_id)]
 
     async def sae_card(self, sae_id: str, version: int = 0) -> dict[str, Any] | CallError:
-        await self._catch_up(version)
-        meta = self._meta(sae_id)
-        if meta is None or sae_id not in self._loaded:
-            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
-        folder = Path(self._loaded[sae_id][0])
+        served = await self._served(sae_id, version)
+        if isinstance(served, CallError):
+            return served
+        meta, folder = served
         cfg = await asyncio.to_thread(self._lens.config, sae_id, meta.version, folder)
         return {**meta_dict(meta), "model": cfg.model, "k": cfg.k, "metadata": cfg.metadata,
                 "card": read_json(folder / CARD_FILE), "has_feature_stats": (folder / FEATURE_STATS_FILE).is_file()}
 
     async def feature(self, sae_id: str, index: int, top_n: int, version: int = 0) -> dict[str, Any] | CallError:
-        await self._catch_up(version)
-        meta = self._meta(sae_id)
-        if meta is None or sae_id not in self._loaded:
-            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
+        served = await self._served(sae_id, version)
+        if isinstance(served, CallError):
+            return served
+        meta, folder = served
         if not 0 <= index < meta.d_sae:
             return CallError(404, f"feature {index} out of range for SAE {sae_id!r} with {meta.d_sae} features",
                              "feature", "feature_not_found")
-        folder = Path(self._loaded[sae_id][0])
         return await asyncio.to_thread(
             self._lens.card, sae_id, meta.version, folder, index, top_n, self._prompts.token_text
         )
@@ -379,21 +383,19 @@ class SAEModel:
     async def feature_list(self, sae_id: str, query: str, limit: int, offset: int,
                            version: int = 0) -> dict[str, Any] | CallError:
         """Feature summaries matching `query` (see serve/feature_search.py), one page."""
-        from .feature_search import search
-
-        await self._catch_up(version)
-        meta = self._meta(sae_id)
-        if meta is None or sae_id not in self._loaded:
-            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
-        records = await asyncio.to_thread(self._lens.stats, sae_id, meta.version, Path(self._loaded[sae_id][0]))
+        served = await self._served(sae_id, version)
+        if isinstance(served, CallError):
+            return served
+        meta, folder = served
+        records = await asyncio.to_thread(self._lens.stats, sae_id, meta.version, folder)
         return {"sae": sae_id, **search(records, meta.d_sae, query, limit, offset)}
 
     async def sae_plot(self, sae_id: str, name: str, version: int = 0) -> bytes | CallError:
         """A PNG the trainer wrote beside the SAE; only files its card lists under files.plots are served."""
-        await self._catch_up(version)
-        if sae_id not in self._loaded:
-            return CallError(404, f"SAE {sae_id!r} is not loaded", "id", "sae_not_found")
-        folder = Path(self._loaded[sae_id][0])
+        served = await self._served(sae_id, version)
+        if isinstance(served, CallError):
+            return served
+        _, folder = served
         plots = ((read_json(folder / CARD_FILE) or {}).get("files") or {}).get("plots") or []
         if name not in plots or not (folder / name).is_file():
             return CallError(404, f"SAE {sae_id!r} has no plot {name!r}", "name", "plot_not_found")
