@@ -93,15 +93,15 @@ async def measure(base_url: str, registry: Path, rounds: int, clients: int) -> d
 
 
 def main(args: argparse.Namespace) -> dict:
-    from benchmarks.local_service import running_service
     from serve.config import ServiceConfig
+    from serve.local_cluster import free_port, running_service
 
     engine = ServiceConfig.from_yaml(ROOT / "deploy/serve/config.yaml").engine
     engine = engine.model_copy(update={"enforce_eager": not args.compiled, "saes": {}})
     with tempfile.TemporaryDirectory() as tmp:
         registry = Path(tmp) / "registry"
         registry.mkdir()
-        config = {"engine": engine.model_dump(), "sae_registry": str(registry), "watch_registry": True}
+        config = ServiceConfig(engine=engine, sae_registry=registry, watch_registry=True, port=free_port())
         with running_service(config) as base_url:
             result = asyncio.run(measure(base_url, registry, args.rounds, args.clients))
     result["mode"] = "compiled" if args.compiled else "eager"

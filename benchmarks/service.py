@@ -113,9 +113,11 @@ async def compare(cfg: dict, sae_dir: Path, base_url: str, work, repeats: int) -
 
 def serve_and_compare(cfg: dict, registry: Path, work, repeats: int) -> tuple[float, float]:
     """The service (idle while the engine runs and the other way round) and the raw engine, side by side."""
-    from benchmarks.local_service import running_service
+    from serve.config import ServiceConfig
+    from serve.local_cluster import free_port, running_service
 
-    with running_service({"engine": cfg, "sae_registry": str(registry)}) as base_url:
+    config = ServiceConfig.model_validate({"engine": cfg, "sae_registry": str(registry), "port": free_port()})
+    with running_service(config) as base_url:
         return asyncio.run(compare(cfg, registry / "bench", base_url, work, repeats))
 
 

@@ -101,6 +101,11 @@ class ServiceConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The vLLM engine of each model replica.")
     host: str = Field(default="127.0.0.1", description="HTTP bind address of `sae-serve up`.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of `sae-serve up`.")
+    direct_ingress: bool = Field(
+        default=True,
+        description="Where sae-serve starts Ray itself (`sae-serve up`): the ingress replica listens on host:port "
+        "directly (Ray Serve direct ingress) instead of behind Ray's proxy; needs a single ingress replica.",
+    )
     served_model_name: str = Field(default="SmolLM2-135M-Instruct", min_length=1, description="Name in /v1/models.")
     ingress: DeploymentSettings = Field(default_factory=_ingress_defaults, description="The HTTP (FastAPI) deployment.")
     model: DeploymentSettings = Field(default_factory=_model_defaults, description="The engine deployment.")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import ServiceConfig
-
-APP_NAME = "sae-serve"
+from .local_cluster import APP_NAME
 
 
 def service_config(path: Path, host: str | None, port: int | None) -> ServiceConfig:
@@ -40,29 +40,30 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
     from ray import serve
 
     from .app import build_app
+    from .local_cluster import local_ray
 
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=num_cpus or max(os.cpu_count() or 1, 2))
     # Ray's own SIGTERM handler ends the process mid-cleanup and orphans the local cluster's agents; a stop
     # request from a supervisor should take the same path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
-              file=sys.stderr)
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        print(f"sae-serve: ready on http://{config.host}:{config.port} (Ctrl-C stops)", file=sys.stderr)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("sae-serve: stopping", file=sys.stderr)
-    finally:
+    with contextlib.ExitStack() as stack:
         if address:
-            serve.delete(APP_NAME)  # leave the rest of a shared cluster's Serve alone
+            ray.init(address=address)
+            stack.callback(ray.shutdown)
+            stack.callback(serve.delete, APP_NAME)  # leave the rest of a shared cluster's Serve alone
+            serve.start(http_options={"host": config.host, "port": config.port})
         else:
-            serve.shutdown()
-        ray.shutdown()
+            try:
+                stack.enter_context(local_ray(config, num_cpus or max(os.cpu_count() or 1, 2)))
+            except ValueError as e:
+                print(f"sae-serve up: error: {e}", file=sys.stderr)
+                return 2
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
+                  file=sys.stderr)
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+            print(f"sae-serve: ready on http://{config.host}:{config.port} (Ctrl-C stops)", file=sys.stderr)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("sae-serve: stopping", file=sys.stderr)
     return 0

@@ -275,8 +275,9 @@ class SAEModel:
             self._streams -= 1
 
     def _stream_window(self) -> float:
-        """Seconds to merge a stream's deltas: each message costs CPU in three processes (this replica, the
-        ingress, Ray's proxy), so with many streams the windows widen to keep the replica's message rate bounded."""
+        """Seconds to merge a stream's deltas: each message costs CPU in every process it crosses (this replica,
+        the ingress, Ray's proxy if in front), so with many streams the windows widen to bound the replica's
+        message rate."""
         return max(self.config.stream_batch_ms / 1000, self._streams / self.config.stream_messages_per_s)
 
     def _item(self, group: list[GenerationUpdate], prompt_tokens: int, top_n: int | None) -> StreamItem:

@@ -1,9 +1,9 @@
 """Merge a generation stream into fewer, larger messages.
 
-Every message costs a Ray hop (model replica -> ingress) and an ASGI message (ingress -> proxy); with 32 streams on
-two cores that overhead competes with decoding. Like ray.serve.llm's Batcher, updates are collected for a short
-window and sent together; a stream's first update goes out at once so time-to-first-token is not delayed (and can
-be measured by the ingress, for non-streaming requests too).
+Every message costs a Ray hop (model replica -> ingress) and an ASGI send (to the client, or to Ray's proxy where it
+sits in front); with 32 streams on two cores that overhead competes with decoding. Like ray.serve.llm's Batcher,
+updates are collected for a short window and sent together; a stream's first update goes out at once so
+time-to-first-token is not delayed (and can be measured by the ingress, for non-streaming requests too).
 """
 
 from __future__ import annotations

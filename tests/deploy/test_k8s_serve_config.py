@@ -18,7 +18,7 @@ from tests.deploy.k8s_manifests import (
     DEPLOY, IMAGE_APP_DIR, K8S, OVERLAYS, REPO, claim_of, one, ray_pod_templates, rendered,
 )
 
-BASE_CHANGES = {("http_options", "host"), ("args", "host"), ("args", "sae_registry")}
+BASE_CHANGES = {("http_options", "host"), ("args", "host"), ("args", "direct_ingress"), ("args", "sae_registry")}
 DOCUMENTED_CHANGES = {
     "cpu": BASE_CHANGES | {("args", "engine", "saes"), ("args", "model", "autoscaling")},
     "gpu": BASE_CHANGES | {("args", "served_model_name"), ("args", "engine", "model"), ("args", "engine", "dtype"),
@@ -150,6 +150,7 @@ def test_cluster_fits_the_serve_config(overlay):
     # The proxy (HeadOnly) listens on the port the head container and the Service expose.
     head_ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert deployed["proxy_location"] == "HeadOnly" and head_ports["serve"] == deployed["http_options"]["port"]
+    assert config.direct_ingress is False
     # The ingress fits on the head; a model replica does not (it must get a worker and its resources) ...
     head_cpus = float(head["rayStartParams"]["num-cpus"])
     assert config.ingress.num_cpus <= head_cpus < config.ingress.num_cpus + config.model.num_cpus

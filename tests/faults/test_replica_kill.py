@@ -32,7 +32,9 @@ def model_replica_pids() -> list[int]:
     pids = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if " ".join(proc.cmdline()).strip() == MODEL_REPLICA_TITLE:
+            title = " ".join(proc.cmdline()).strip()
+            # While an actor runs a task Ray appends its name to the title (ray::ServeController.listen_for_change).
+            if title == MODEL_REPLICA_TITLE or title.startswith(MODEL_REPLICA_TITLE + "."):
                 pids.append(proc.pid)
         except psutil.Error:
             pass
