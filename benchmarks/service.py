@@ -3,14 +3,15 @@
 One workload, three ways, on the same machine (never two at once):
   engine  the SAEEngine in this process, 32 concurrent requests;
   http    the Ray Serve app (ingress + model deployment + SSE), 32 concurrent streaming clients on /v1/completions
-          (engine and http runs alternate, both started once, so a busy neighbour slows both alike);
+          (engine and http runs alternate, both started once, so a busy neighbour slows both alike); the ingress
+          answers HTTP itself as under `sae-serve up`, or with --proxy behind Ray's proxy as under KubeRay;
   naive   transformers `generate` with SAE forward hooks (tests/serve/reference.py), one request at a time, the way
           SAELens/TransformerLens-based servers serve.
 32 prompts × 128 greedy tokens; every other request is steered (add / clamp / h_bias in turn) on an 8x TopK SAE
 at blocks.15.resid_post. Greedy decoding makes the three produce the same tokens. The last line is JSON:
 {"http_vs_engine", "vs_naive", ...}.
 
-    python -m benchmarks.service [--eager] [--repeats 3] [--naive-requests 4]
+    python -m benchmarks.service [--eager] [--proxy] [--repeats 5] [--naive-requests 4]
 """
 
 from __future__ import annotations
@@ -111,12 +112,13 @@ async def compare(cfg: dict, sae_dir: Path, base_url: str, work, repeats: int) -
     return statistics.median(runs["engine"]), statistics.median(runs["http"])
 
 
-def serve_and_compare(cfg: dict, registry: Path, work, repeats: int) -> tuple[float, float]:
+def serve_and_compare(cfg: dict, registry: Path, work, repeats: int, proxy: bool) -> tuple[float, float]:
     """The service (idle while the engine runs and the other way round) and the raw engine, side by side."""
     from serve.config import ServiceConfig
     from serve.local_cluster import free_port, running_service
 
-    config = ServiceConfig.model_validate({"engine": cfg, "sae_registry": str(registry), "port": free_port()})
+    config = ServiceConfig.model_validate({"engine": cfg, "sae_registry": str(registry), "port": free_port(),
+                                           "direct_ingress": not proxy})
     with running_service(config) as base_url:
         return asyncio.run(compare(cfg, registry / "bench", base_url, work, repeats))
 
@@ -159,10 +161,11 @@ def main(args: argparse.Namespace) -> dict:
         registry = Path(tmp) / "registry"
         sae = make_random_sae(registry / "bench", "blocks.15.resid_post", "topk", d_sae=4608, k=32)
         work = workload(sae.cfg.d_sae)
-        engine_tps, http_tps = serve_and_compare(cfg, registry, work, args.repeats)
+        engine_tps, http_tps = serve_and_compare(cfg, registry, work, args.repeats, args.proxy)
         naive_tps = naive_run(registry / "bench", work, args.naive_requests, args.naive_threads)
     mode = "eager" if args.eager else "compiled"
-    print(f"\nmode {mode}; {N_REQUESTS} requests x {NEW_TOKENS} greedy tokens, half steered; median of {args.repeats}")
+    ingress = "proxy" if args.proxy else "direct"
+    print(f"\nmode {mode}, ingress {ingress}; {N_REQUESTS} requests x {NEW_TOKENS} greedy tokens, half steered; median of {args.repeats}")
     print(f"engine {engine_tps:7.1f} tok/s")
     print(f"http   {http_tps:7.1f} tok/s")
     print(f"naive  {naive_tps:7.1f} tok/s ({args.naive_requests} requests, one at a time, "
@@ -174,13 +177,16 @@ def main(args: argparse.Namespace) -> dict:
         "engine_tok_s": round(engine_tps, 1),
         "naive_tok_s": round(naive_tps, 1),
         "mode": mode,
+        "ingress": ingress,
     }
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: the deploy config's mode)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the workload per side (median)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="Ray's proxy in front of the ingress (direct_ingress: false), as under serve run and KubeRay")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the workload per side (median)")
     parser.add_argument("--naive-requests", type=int, default=4, help="requests timed on the naive server")
     parser.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive server")
     print(json.dumps(main(parser.parse_args())))
