@@ -65,5 +65,7 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            # make passes the SIGTERM it got on to us: a repeat must not cut the cleanup short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print("sae-serve: stopping", file=sys.stderr)
     return 0
