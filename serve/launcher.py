@@ -42,8 +42,6 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
     from .app import build_app
     from .local_cluster import local_ray
 
-    # Ray's own SIGTERM handler ends the process mid-cleanup and orphans the local cluster's agents; a stop
-    # request from a supervisor should take the same path as Ctrl-C.
     with contextlib.ExitStack() as stack:
         if address:
             ray.init(address=address)
@@ -56,6 +54,8 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
             except ValueError as e:
                 print(f"sae-serve up: error: {e}", file=sys.stderr)
                 return 2
+        # Ray's own SIGTERM handler ends the process mid-cleanup and orphans the local cluster's agents; a stop
+        # request from a supervisor should take the same path as Ctrl-C.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
