@@ -370,6 +370,9 @@ class SAEModel:
             raise
         return None
 
+    async def ping(self) -> None:
+        """Answers once this replica runs: the ingress's probe for a replacement while the model is down."""
+
     def check_health(self) -> None:
         """Ray Serve's periodic probe: a dead engine makes Serve replace this replica."""
         if not self._engine.running:

@@ -17,6 +17,7 @@ from serve.app import check_binding
 from serve.auth import KeyStore
 from serve.calls import CallError, ChoiceDelta, StreamItem, TokenLogprob
 from serve.config import AuthConfig, ServiceConfig
+from serve.errors import APIError
 from serve.ingress_context import IngressContext
 from serve.metrics import ServiceMetrics
 from serve.model_client import ModelClient
@@ -266,3 +267,42 @@ def test_canonical_serve_config_and_cli(tmp_path, capsys):
     bad.write_text("host: 0.0.0.0\nauth: {api_keys_env: NO_SUCH_ENV_1, admin_keys_env: NO_SUCH_ENV_2}\n")
     assert main(["up", "--config", str(bad)]) == 2  # refused before Ray starts
     assert "refuses to listen on '0.0.0.0'" in capsys.readouterr().err
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class DyingModelHandle:
+    """A model deployment whose replica dies under the first call and is back once `up` is set."""
+
+    def __init__(self):
+        self.up = asyncio.Event()
+        self.calls = 0
+        self.saes = _Remote(self._saes)
+        self.ping = _Remote(self.up.wait)
+
+    async def _saes(self, version):
+        from ray.exceptions import RayActorError
+
+        self.calls += 1
+        if self.calls == 1:
+            raise RayActorError()
+        return ["toy"]
+
+
+def test_a_model_found_down_is_refused_at_once_until_a_probe_gets_through():
+    async def scenario():
+        handle = DyingModelHandle()
+        client = ModelClient(handle)
+        for _ in range(2):  # the call the replica died under, then one refused without reaching Ray
+            with pytest.raises(APIError) as e:
+                await client.call("saes", 0)
+            assert (e.value.status, e.value.code, e.value.headers) == (503, "model_unavailable", {"Retry-After": "5"})
+        assert handle.calls == 1
+        handle.up.set()  # Ray's router lets the probe through once a replica runs
+        await asyncio.wait_for(client._recovery, 5)
+        assert await client.call("saes", 0) == ["toy"] and handle.calls == 2
+
+    asyncio.run(scenario())
