@@ -31,9 +31,13 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     }
 
 
+def _socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail before Ray starts, in plain words, when something already listens on host:port."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _socket(host) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -43,7 +47,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with _socket(host) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -18,7 +18,9 @@ from .calls import CallError, GenerateCall, StreamItem
 from .errors import UNAVAILABLE_RETRY_AFTER, APIError
 
 
-MODEL_UNAVAILABLE = "the model is unavailable; retry shortly"
+def _model_unavailable() -> APIError:
+    return APIError(503, "the model is unavailable; retry shortly", code="model_unavailable",
+                    headers=UNAVAILABLE_RETRY_AFTER)
 
 
 @contextlib.contextmanager
@@ -34,7 +36,7 @@ def _ray_errors(went_down: Callable[[], None]):
                        headers=retry) from None
     except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError, ActorUnavailableError):
         went_down()
-        raise APIError(503, MODEL_UNAVAILABLE, code="model_unavailable", headers=UNAVAILABLE_RETRY_AFTER) from None
+        raise _model_unavailable() from None
 
 
 def _raise_if_error(result: Any) -> Any:
@@ -59,7 +61,7 @@ class ModelClient:
 
     def _refuse_while_down(self) -> None:
         if self._recovery is not None and not self._recovery.done():
-            raise APIError(503, MODEL_UNAVAILABLE, code="model_unavailable", headers=UNAVAILABLE_RETRY_AFTER)
+            raise _model_unavailable()
 
     def _went_down(self) -> None:
         if self._recovery is None or self._recovery.done():
