@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve.engine import SAEEngine, Sampling
-from serve.engine_config import EngineConfig
-from serve.steering_spec import CaptureSpec, SteeringEntry
+from serve.engine.engine import SAEEngine, Sampling
+from serve.engine.config import EngineConfig
+from serve.specs import CaptureSpec, SteeringEntry
 
 N_REQUESTS = 32
 NEW_TOKENS = 128

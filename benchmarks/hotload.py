@@ -94,7 +94,7 @@ async def measure(base_url: str, registry: Path, rounds: int, clients: int) -> d
 
 def main(args: argparse.Namespace) -> dict:
     from serve.config import ServiceConfig
-    from serve.local_cluster import free_port, running_service
+    from serve.launch.local_cluster import free_port, running_service
 
     engine = ServiceConfig.from_yaml(ROOT / "deploy/serve/config.yaml").engine
     engine = engine.model_copy(update={"enforce_eager": not args.compiled, "saes": {}})

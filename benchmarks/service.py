@@ -48,15 +48,15 @@ def engine_config(eager: bool) -> dict:
 
 
 async def start_engine(cfg: dict, sae_dir: Path):
-    from serve.engine import SAEEngine
-    from serve.engine_config import EngineConfig
+    from serve.engine.engine import SAEEngine
+    from serve.engine.config import EngineConfig
 
     return await SAEEngine.start(EngineConfig(**{**cfg, "saes": {"bench": str(sae_dir)}}))
 
 
 async def engine_once(engine, work) -> float:
-    from serve.engine import Sampling
-    from serve.steering_spec import SteeringEntry
+    from serve.engine.engine import Sampling
+    from serve.specs import SteeringEntry
 
     sampling = Sampling(max_tokens=NEW_TOKENS, temperature=0.0)
 
@@ -115,7 +115,7 @@ async def compare(cfg: dict, sae_dir: Path, base_url: str, work, repeats: int) -
 def serve_and_compare(cfg: dict, registry: Path, work, repeats: int, proxy: bool) -> tuple[float, float]:
     """The service (idle while the engine runs and the other way round) and the raw engine, side by side."""
     from serve.config import ServiceConfig
-    from serve.local_cluster import free_port, running_service
+    from serve.launch.local_cluster import free_port, running_service
 
     config = ServiceConfig.model_validate({"engine": cfg, "sae_registry": str(registry), "port": free_port(),
                                            "direct_ingress": not proxy})
@@ -129,8 +129,8 @@ def naive_run(sae_dir: Path, work, n: int, threads: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sae import load_sae
-    from serve.model_prep import resolve_model
-    from serve.steering_spec import SteeringEntry
+    from serve.engine.model_files import resolve_model
+    from serve.specs import SteeringEntry
     from tests.serve.reference import steered
 
     # One thread is the naive server's best case here: on two cores with a busy neighbour, two threads decode slower.

@@ -1,4 +1,4 @@
-"""Typed configuration of the Ray Serve service (`ServiceConfig`), validated once by `serve.app.build_app`.
+"""Typed configuration of the Ray Serve service (`ServiceConfig`), validated once by `serve.launch.app.build_app`.
 
 The canonical file is `deploy/serve/config.yaml`, a Ray Serve `serve run` config whose application `args` hold a
 ServiceConfig; `sae-serve up` reads the same file.
@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .engine_config import EngineConfig
+from serve.engine.config import EngineConfig
 
 
 class _Strict(BaseModel):

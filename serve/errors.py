@@ -1,130 +1,121 @@
-"""Errors in the OpenAI shape `{"error": {"message", "type", "param", "code"}}`, for every 4xx/5xx the ingress sends."""
+"""The service's expected failures as typed exceptions, shared by every process of `serve/`.
+
+They are raised where the failure is found (the replica, the engine facade, the ingress) and cross Ray as
+themselves: Ray re-raises a user exception as a subclass of both `RayTaskError` and its class, and the ingress's
+replica client unwraps it to the original (`serve/http/replica_client.py`). `serve/http/errors.py` is the one place
+that turns them into the OpenAI error shape. Plain Python: no FastAPI, no torch.
+"""
 
 from __future__ import annotations
 
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from .calls import CallError
-
-logger = logging.getLogger("sae_serve")
-
-# The `type` OpenAI's API gives each status (its SDK maps the status to an exception class).
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-}
+from typing import ClassVar
 
 # A model replica or engine that is down is replaced by Ray Serve (the engine restarts in about a minute).
-UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}
+RETRY_AFTER_S = 5
 
 
-class APIError(Exception):
-    """Raised anywhere in a request; rendered in the OpenAI error shape."""
+class ServeError(Exception):
+    """A request that cannot be served; `status` and `code` say how, `param` names the request field at fault."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        # All four in args, so that pickling (Ray) rebuilds the same exception.
+        super().__init__(message, param, code, headers)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else self.default_code
         self.headers = headers
 
-    @classmethod
-    def from_call(cls, err: CallError) -> "APIError":
-        return cls(err.status, err.message, err.param, err.code,
-                   headers=UNAVAILABLE_RETRY_AFTER if err.status == 503 else None)
-
-    def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
+    def __str__(self) -> str:
+        return self.message
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+class InvalidRequest(ServeError):
+    """400: the request cannot run as given."""
+
+    status = 400
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+class SpecError(InvalidRequest):
+    """400: a steering or capture spec that cannot run; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, param, code, headers)
 
 
-def loc_to_param(loc: tuple) -> str:
-    """('body', 'steering', 0, 'foo') -> 'steering[0].foo' (the names a client sent)."""
-    out = ""
-    for part in loc:
-        if part in ("body", "query", "path") and not out:
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
+class ContextLengthExceeded(InvalidRequest):
+    """400: prompt and completion do not fit the model's context or the server's prompt limit."""
+
+    default_code = "context_length_exceeded"
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+class AuthenticationFailed(ServeError):
+    """401: no key or an unknown key."""
+
+    status = 401
+    default_code = "invalid_api_key"
 
 
-def _client_loc(loc: tuple) -> tuple:
-    # pydantic tags each union member / function validator in the location; users never wrote those names.
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")
-                                                                   or p in _UNION_TAGS)))
+class PermissionDenied(ServeError):
+    """403: the key may not do this."""
+
+    status = 403
+    default_code = "insufficient_permissions"
 
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    # Of a union's failed members, the deepest error is the one that got furthest: usually the intended member.
-    first = max(errors, key=lambda e: len(e.get("loc", ())))
-    if first.get("type") == "json_invalid":
-        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    param = loc_to_param(_client_loc(first.get("loc", ()))) or None
-    msg = first.get("msg", "invalid value")
-    return (f"{param}: {msg}" if param else msg), param
+class NotFound(ServeError):
+    """404: no such model, SAE, feature, plot or page asset."""
+
+    status = 404
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as the OpenAI shape: ours, validation (400 as OpenAI does, not 422), 404/405, crashes."""
+class PayloadTooLarge(ServeError):
+    """413: the request body is over the server's limit."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc)
+    status = 413
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        message, param = validation_message(exc)
-        return error_response(APIError(400, message, param))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+class Unavailable(ServeError):
+    """503: retry later; carries Retry-After."""
 
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception):
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal server error"))
+    status = 503
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, param, code, headers or {"Retry-After": str(RETRY_AFTER_S)})
+
+
+class EngineUnavailable(Unavailable):
+    """503: the replica's engine is not running (not started, shut down or dead)."""
+
+    default_code = "engine_unavailable"
+
+    def __init__(self, message: str = "the engine is not running; retry shortly", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message, param, code, headers)
+
+
+class ModelUnavailable(Unavailable):
+    """503: no model replica answers (killed, restarting)."""
+
+    default_code = "model_unavailable"
+
+    def __init__(self, message: str = "the model is unavailable; retry shortly", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message, param, code, headers)
+
+
+class Overloaded(Unavailable):
+    """503: the model deployment's queue is full."""
+
+    default_code = "overloaded"
+
+
+class InternalError(ServeError):
+    """500: a failure of ours the caller cannot fix."""
+
+    status = 500

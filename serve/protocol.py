@@ -1,4 +1,6 @@
-"""HTTP request and response bodies of every endpoint (pydantic only).
+"""HTTP request and response bodies of every endpoint (pydantic only), and the messages of a generation stream from
+the model replica to the ingress. The ingress parses requests into these models and hands them to the replica as
+they are; the replica answers with these models.
 
 OpenAI bodies accept OpenAI's documented fields; fields we cannot honour are accepted only at their neutral value
 and otherwise rejected with a 400 naming the field, never silently ignored. Unknown fields are rejected everywhere,
@@ -9,11 +11,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from .steering_spec import FeatureSelection, SteeringEntry
+from serve.specs import FeatureSelection, SteeringEntry
 
 
 class _Body(BaseModel):
@@ -133,6 +136,16 @@ class CompletionRequest(_SamplingFields):
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(description="Text or token ids (one prompt).")
     max_tokens: int | None = Field(default=16, ge=1, description="Most tokens to generate per choice.")
     logprobs: int | None = Field(default=None, ge=0, description="Top logprobs per generated token.")
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
+
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives reported per generated token; None: no logprobs."""
+        return self.logprobs
     echo: bool = Field(default=False, description="Only false is supported.")
     best_of: int | None = Field(default=None, description="Only null or equal to n is supported.")
     suffix: str | None = Field(default=None, description="Not supported (null only).")
@@ -258,6 +271,13 @@ class ChatCompletionRequest(_SamplingFields):
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives reported per generated token; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TopLogprob(_Body):
@@ -469,3 +489,38 @@ class SAEDeleted(_Body):
 
 class HealthResponse(_Body):
     status: Literal["ok"] = Field(default="ok", description="The engine answered a one-token generation.")
+
+
+GenerationRequest = CompletionRequest | ChatCompletionRequest
+
+
+# --- model replica -> ingress: one generation stream (plain dataclasses: one message per batch of tokens) ----------
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's text, its log-probability and the top alternatives (text, logprob), best first."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of choice `index` since the previous item."""
+
+    index: int
+    text: str
+    num_tokens: int
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+
+
+@dataclass
+class StreamItem:
+    """One message of a generation stream."""
+
+    prompt_tokens: int = 0
+    deltas: list[ChoiceDelta] = field(default_factory=list)
+    finished: bool = False

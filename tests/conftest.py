@@ -62,7 +62,7 @@ def sae_registry(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def service(sae_registry, tmp_path_factory) -> Service:
     from serve.config import ServiceConfig
-    from serve.local_cluster import free_port, running_service
+    from serve.launch.local_cluster import free_port, running_service
 
     keys = tmp_path_factory.mktemp("keys")
     (keys / "user").write_text(f"# test keys\n{USER_KEY}\n")

@@ -1,6 +1,6 @@
 """Label SAE features in words: show an OpenAI-compatible chat endpoint each feature's top-activating contexts
 (active token marked) and store its short answer as `explanation` in the folder's feature_stats.json, which the
-service's feature cards and feature search then show (serve/feature_search.py).
+service's feature cards and feature search then show (serve/replica/feature_search.py).
 
     python -m trainer.explain --sae-dir runs/registry/my-sae --base-url http://127.0.0.1:8000/v1 --limit 50
 

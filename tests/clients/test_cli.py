@@ -1,4 +1,4 @@
-"""`sae-serve chat|complete|activations|saes|features` against the live shared service, through serve.cli's parser
+"""`sae-serve chat|complete|activations|saes|features` against the live shared service, through serve.launch.cli's parser
 (the same dispatch as the console script); URL and key from the environment as a user would set them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from clients import SteeringEntry
-from serve.cli import main
+from serve.launch.cli import main
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 

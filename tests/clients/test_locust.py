@@ -9,7 +9,7 @@ import pytest
 
 from clients.load_config import LoadConfig
 from clients.loadtest import LoadTestRun, read_stats
-from serve.cli import main
+from serve.launch.cli import main
 
 
 def _steered_total(service) -> float:

@@ -8,7 +8,7 @@ import re
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from serve.metrics import ServiceMetrics
+from serve.http.metrics import ServiceMetrics
 from tests.deploy.k8s_manifests import K8S, OVERLAYS, one, rendered
 
 DASHBOARD = K8S / "base" / "grafana-dashboard.json"

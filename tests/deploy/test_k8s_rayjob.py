@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 import yaml
 
 from serve.config import service_args
-from serve.model_prep import EMBEDDED_MODEL_NAME
+from serve.engine.model_files import EMBEDDED_MODEL_NAME
 from tests.deploy.dockerfiles import DOCKERFILES, env_of
 from tests.deploy.k8s_manifests import IMAGE_APP_DIR, REPO, claim_of, one, ray_pod_templates, rendered
 from trainer.config import load_config

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import check_binding
-from serve.auth import KeyStore
+from serve.launch.app import check_binding
+from serve.http.auth import KeyStore
 from serve.config import ServiceConfig, service_args
 from tests.deploy.k8s_manifests import (
     DEPLOY, IMAGE_APP_DIR, K8S, OVERLAYS, REPO, claim_of, one, ray_pod_templates, rendered,

@@ -1,6 +1,6 @@
-"""Reference steering/capture on a plain transformers forward, written from DESIGN.md A's definitions.
+"""Reference steering/capture on a plain transformers forward, written from the definitions in sae/steering.py.
 
-Deliberately independent of `serve.steering_runtime`: every op is expressed as an edit of the SAE code f,
+Deliberately independent of `serve.engine.worker.runtime`: every op is expressed as an edit of the SAE code f,
 delta = decode(f') - decode(f), with f' = f + v·e_i (add), f_i := v (clamp), f_i := m·f_i (mul), or
 f' = act(pre + v·e_i) (h_bias).
 """
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from sae import HookPoint, SparseAutoencoder, hf_module_and_output
-from serve.steering_spec import SteeringEntry
+from serve.specs import SteeringEntry
 
 
 def _edited_code(sae: SparseAutoencoder, x: torch.Tensor, entries: list[SteeringEntry]) -> torch.Tensor:

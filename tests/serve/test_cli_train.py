@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve.cli import main
+from serve.launch.cli import main
 
 
 def test_train_passes_config_to_the_trainer(tmp_path, capfd):

@@ -16,9 +16,10 @@ import pytest_asyncio
 import torch
 
 from sae import load_sae
-from serve.engine import SAEEngine, Sampling
-from serve.engine_config import EngineConfig
-from serve.steering_spec import CaptureSpec, SpecError, SteeringEntry
+from serve.engine.engine import SAEEngine, Sampling
+from serve.engine.config import EngineConfig
+from serve.errors import SpecError
+from serve.specs import CaptureSpec, SteeringEntry
 from tests.helpers import make_random_sae
 from tests.serve import reference
 

@@ -11,10 +11,10 @@ import pytest_asyncio
 import torch
 from safetensors.torch import save_file
 
-from serve.engine import SAEEngine, Sampling
-from serve.engine_config import EngineConfig
-from serve.model_prep import embedded_model_dir
-from serve.steering_spec import CaptureSpec, SteeringEntry
+from serve.engine.engine import SAEEngine, Sampling
+from serve.engine.config import EngineConfig
+from serve.engine.model_files import embedded_model_dir
+from serve.specs import CaptureSpec, SteeringEntry
 from tests.helpers import make_random_sae
 
 D_MODEL, N_LAYERS, D_SAE = 256, 4, 1024

@@ -1,4 +1,4 @@
-"""The local cluster sae-serve starts itself (serve/local_cluster.py): direct ingress on the configured port, and the
+"""The local cluster sae-serve starts itself (serve/launch/local_cluster.py): direct ingress on the configured port, and the
 start refusals that come before Ray does."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from serve.config import ServiceConfig
-from serve.local_cluster import check_direct_ingress, check_port_free, direct_ingress_env
+from serve.launch.local_cluster import check_direct_ingress, check_port_free, direct_ingress_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_a_busy_port_is_refused_before_ray_starts():
         port = busy.getsockname()[1]
         with pytest.raises(ValueError, match=f"127.0.0.1:{port}"):
             check_port_free("127.0.0.1", port)
-        r = subprocess.run([sys.executable, "-m", "serve.cli", "up", "--port", str(port)], cwd=REPO,
+        r = subprocess.run([sys.executable, "-m", "serve.launch.cli", "up", "--port", str(port)], cwd=REPO,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "SAE_SERVE_API_KEYS": ""})
     assert r.returncode == 2, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Started a local Ray" not in r.stderr

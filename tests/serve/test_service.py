@@ -164,7 +164,7 @@ def test_auth(service):
 def hf_model():
     from transformers import AutoModelForCausalLM
 
-    from serve.model_prep import resolve_model
+    from serve.engine.model_files import resolve_model
 
     return AutoModelForCausalLM.from_pretrained(resolve_model("embedded", prepare=False), dtype=torch.float32).eval()
 

@@ -12,59 +12,67 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import create_api
-from serve.app import check_binding
-from serve.auth import KeyStore
-from serve.calls import CallError, ChoiceDelta, StreamItem, TokenLogprob
 from serve.config import AuthConfig, ServiceConfig
-from serve.errors import APIError
-from serve.ingress_context import IngressContext
-from serve.metrics import ServiceMetrics
-from serve.model_client import ModelClient
+from serve.errors import EngineUnavailable, ModelUnavailable, ServeError, SpecError
+from serve.http.api import create_api
+from serve.http.auth import KeyStore
+from serve.http.context import IngressContext
+from serve.http.metrics import ServiceMetrics
+from serve.http.replica_client import ReplicaClient
+from serve.launch.app import check_binding
+from serve.protocol import ChoiceDelta, SAEInfo, StreamItem, TokenLogprob
 
 MODEL = "SmolLM2-135M-Instruct"
 
 
 class ScriptedModel:
-    """Stands in for SAEModel: generation yields three tokens; `fail` makes calls raise or return errors."""
+    """Stands in for SAEModel: generation yields three tokens; `fail` makes calls raise."""
 
     def __init__(self):
-        self.fail: BaseException | CallError | None = None
+        self.fail: BaseException | None = None
         self.fail_after_first = False
         self.cancelled = 0
         self.calls: list = []
 
-    async def generate(self, call, prompt_param, max_tokens_param):
-        self.calls.append(call)
-        if isinstance(self.fail, BaseException):
+    async def generate(self, req, sae_version):
+        self.calls.append(req)
+        if self.fail is not None:
             raise self.fail
-        if isinstance(self.fail, CallError):
-            yield StreamItem(error=self.fail)
-            return
-        lp = [TokenLogprob("a", -0.5, [("a", -0.5), ("b", -1.5)])] if call.logprobs is not None else None
+        top_n = req.top_logprobs_count()
+        lp = [TokenLogprob("a", -0.5, [("a", -0.5), ("b", -1.5)])] if top_n is not None else None
         for i, text in enumerate([" one", " two", " three"]):
             if i == 1 and self.fail_after_first:
-                yield StreamItem(error=CallError(503, "the engine is not running; retry shortly"))
-                return
-            deltas = [ChoiceDelta(c, text, 1, lp, "length" if i == 2 else None) for c in range(call.n)]
+                raise EngineUnavailable()
+            deltas = [ChoiceDelta(c, text, 1, lp, "length" if i == 2 else None) for c in range(req.n)]
             yield StreamItem(prompt_tokens=4, deltas=deltas, finished=i == 2)
 
     async def saes(self, version):
-        return [{"id": "toy", "hook_point": "blocks.1.resid_post", "architecture": "relu", "d_in": 8,
-                 "d_sae": 16, "version": "v1"}]
+        return [SAEInfo(id="toy", hook_point="blocks.1.resid_post", architecture="relu", d_in=8, d_sae=16,
+                        version="v1")]
 
     async def health(self):
-        if isinstance(self.fail, BaseException):
+        if self.fail is not None:
             raise self.fail
-        return self.fail
+
+
+def as_ray_raises(e: BaseException) -> BaseException:
+    """What a handle call raises when the replica raised `e`: Ray's RayTaskError that is also an instance of e's class."""
+    from ray.exceptions import RayTaskError
+
+    if not isinstance(e, ServeError):
+        return e
+    return RayTaskError("SAEModel", "traceback", e).as_instanceof_cause()
 
 
 class _Gen:
     def __init__(self, agen, owner):
         self._agen, self._owner = agen, owner
 
-    def __anext__(self):
-        return self._agen.__anext__()
+    async def __anext__(self):
+        try:
+            return await self._agen.__anext__()
+        except Exception as e:
+            raise as_ray_raises(e) from None
 
     def cancel(self):
         self._owner.cancelled += 1
@@ -75,11 +83,17 @@ class _Method:
         self._fn, self._owner, self._stream = fn, owner, stream
 
     def remote(self, *args):
-        return _Gen(self._fn(*args), self._owner) if self._stream else self._fn(*args)
+        return _Gen(self._fn(*args), self._owner) if self._stream else self._call(*args)
+
+    async def _call(self, *args):
+        try:
+            return await self._fn(*args)
+        except Exception as e:
+            raise as_ray_raises(e) from None
 
 
 class FakeHandle:
-    """The slice of DeploymentHandle that ModelClient uses."""
+    """The slice of DeploymentHandle that ReplicaClient uses."""
 
     def __init__(self, model: ScriptedModel, stream: bool = False):
         self._model, self._stream = model, stream
@@ -93,7 +107,7 @@ class FakeHandle:
 
 def make_client(keys: KeyStore = KeyStore(), **config) -> tuple[TestClient, ScriptedModel, IngressContext]:
     model = ScriptedModel()
-    ctx = IngressContext(config=ServiceConfig.model_validate(config), model=ModelClient(FakeHandle(model)),
+    ctx = IngressContext(config=ServiceConfig.model_validate(config), replica=ReplicaClient(FakeHandle(model)),
                          keys=keys, metrics=ServiceMetrics(), created=0)
     return TestClient(create_api(ctx), raise_server_exceptions=False), model, ctx
 
@@ -121,7 +135,7 @@ def test_sse_stream_with_usage_and_done():
         assert mine[-1]["finish_reason"] == "length"
         assert mine[0]["logprobs"]["content"][0]["top_logprobs"] == [
             {"token": "a", "logprob": -0.5, "bytes": [97]}, {"token": "b", "logprob": -1.5, "bytes": [98]}]
-    assert model.calls[0].logprobs == 1 and model.calls[0].stream
+    assert model.calls[0].top_logprobs_count() == 1 and model.calls[0].stream
 
 
 def test_error_mid_stream_is_an_sse_error_event_and_cancels():
@@ -137,7 +151,7 @@ def test_error_mid_stream_is_an_sse_error_event_and_cancels():
 
 def test_refused_before_streaming_is_a_plain_http_error():
     client, model, _ = make_client()
-    model.fail = CallError(400, "steering[0].sae: unknown SAE 'x' (loaded: toy)", "steering[0].sae")
+    model.fail = SpecError("steering[0].sae: unknown SAE 'x' (loaded: toy)", "steering[0].sae")
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "stream": True})
     assert r.status_code == 400
     assert r.json()["error"] == {"message": "steering[0].sae: unknown SAE 'x' (loaded: toy)",
@@ -156,8 +170,9 @@ def test_overload_and_dead_model_are_fast_503s():
     model.fail = RayActorError()
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
-    model.fail = CallError(503, "the engine is not running; retry shortly", code="engine_unavailable")
-    assert client.get("/health").status_code == 503
+    model.fail = EngineUnavailable()
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
     text = client.get("/metrics").text
     assert 'sae_serve:request_errors_total{endpoint="/health",type="service_unavailable_error"} 2.0' in text
 
@@ -237,7 +252,7 @@ def test_body_limit_and_unknown_route():
 
 
 def test_stream_batching_merges_after_the_first_item():
-    from serve.stream_batch import batched
+    from serve.replica.stream_batch import batched
 
     async def source():
         for i in range(6):
@@ -256,10 +271,10 @@ def test_stream_batching_merges_after_the_first_item():
 def test_canonical_serve_config_and_cli(tmp_path, capsys):
     import yaml
 
-    from serve.cli import DEFAULT_SERVE_CONFIG, main
+    from serve.launch.cli import DEFAULT_SERVE_CONFIG, main
 
     doc = yaml.safe_load(DEFAULT_SERVE_CONFIG.read_text())
-    assert doc["applications"][0]["import_path"] == "serve.app:build_app"
+    assert doc["applications"][0]["import_path"] == "serve.launch.app:build_app"
     cfg = ServiceConfig.from_yaml(DEFAULT_SERVE_CONFIG)
     assert cfg.host == doc["http_options"]["host"] and cfg.port == doc["http_options"]["port"]
     assert (cfg.sae_registry / "smollm2-l15-resid-8x" / "sae.json").is_file()  # the shipped demo SAE
@@ -295,14 +310,14 @@ class DyingModelHandle:
 def test_a_model_found_down_is_refused_at_once_until_a_probe_gets_through():
     async def scenario():
         handle = DyingModelHandle()
-        client = ModelClient(handle)
+        client = ReplicaClient(handle)
         for _ in range(2):  # the call the replica died under, then one refused without reaching Ray
-            with pytest.raises(APIError) as e:
-                await client.call("saes", 0)
+            with pytest.raises(ModelUnavailable) as e:
+                await client.saes()
             assert (e.value.status, e.value.code, e.value.headers) == (503, "model_unavailable", {"Retry-After": "5"})
         assert handle.calls == 1
         handle.up.set()  # Ray's router lets the probe through once a replica runs
         await asyncio.wait_for(client._recovery, 5)
-        assert await client.call("saes", 0) == ["toy"] and handle.calls == 2
+        assert await client.saes() == ["toy"] and handle.calls == 2
 
     asyncio.run(scenario())

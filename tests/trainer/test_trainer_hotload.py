@@ -53,7 +53,7 @@ def write_manifest_entry(registry: Path, sae_id: str, version: int) -> None:
 @pytest.fixture(scope="module")
 def published(service, tmp_path_factory):
     """Runs the job in this process: Ray Train joins the service's Ray (one worker, half a CPU)."""
-    from serve.model_prep import resolve_model
+    from serve.engine.model_files import resolve_model
     from trainer.config import load_config
     from trainer.job import run_job
 

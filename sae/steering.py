@@ -1,0 +1,142 @@
+"""Steering math on one SAE at one hook site: the change each op makes to the activations, as torch-only functions.
+
+Ops (`SteerOp`), per token row r and entry e with feature i, value v and decoder row d_i:
+    add     x += v · d_i
+    clamp   x += (v - f_i(x)) · d_i              the feature's activation becomes v
+    mul     x += (v - 1) · f_i(x) · d_i          the activation is multiplied by v
+    h_bias  pre_i += v, and x += decode(f(pre + bias)) - decode(f(pre))   (the SAE error term is kept)
+With nothing steered the delta is exactly zero, so the output equals the unsteered output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+from .model import SparseAutoencoder
+
+# Architectures whose activation of one latent depends on all the others (the k-th largest pre-activation).
+FULL_ENCODE_ARCHITECTURES = ("topk",)
+
+
+class SteerOp(IntEnum):
+    """The latent ops; their values travel in the engine's per-request tables."""
+
+    ADD = 0
+    CLAMP = 1
+    MUL = 2
+    H_BIAS = 3
+
+
+@dataclass
+class FoldedSAE:
+    """An SAE ready for the hot path: input scale and b_dec subtraction folded into the encoder, decoder in model space."""
+
+    architecture: str
+    k: int | None
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    b_enc: torch.Tensor  # [d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_in], divided by input_scale
+    threshold: torch.Tensor | None  # [d_sae] for jumprelu
+    module: SparseAutoencoder
+
+    @classmethod
+    def build(cls, module: SparseAutoencoder, device: torch.device) -> "FoldedSAE":
+        module = module.to(device=device, dtype=torch.float32).eval()
+        with torch.no_grad():
+            w, b = module.folded_encoder()
+            w_dec = module.W_dec / module.cfg.input_scale
+        return cls(module.cfg.architecture, module.cfg.k, w.contiguous(), b, w_dec.contiguous(), module.threshold,
+                   module)
+
+    @property
+    def needs_full_encode(self) -> bool:
+        return self.architecture in FULL_ENCODE_ARCHITECTURES
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_sae]
+        return self.module.activate(x @ self.W_enc + self.b_enc)
+
+    def activate_columns(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Elementwise activation of chosen latents' pre-activations [n, E]; only valid without full encode."""
+        if self.architecture == "relu":
+            return torch.relu(pre)
+        assert self.threshold is not None
+        thr = self.threshold[features]
+        return pre * (pre > thr)
+
+
+@dataclass
+class SteeringTable:
+    """All steering entries of one SAE at one site in one step."""
+
+    features: torch.Tensor  # [E] long
+    ops: torch.Tensor  # [E] long, SteerOp values
+    values: torch.Tensor  # [E]
+    mask: torch.Tensor  # [n, E] float, 1 where entry e applies to row r
+
+
+def steering_delta(sae: FoldedSAE, table: SteeringTable, x: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_in]
+    """Sum over entries of coef[r, e] · d_e with the coefficient each op defines, plus h_bias's change of the
+    activations. Only the entries' features are encoded, except for TopK, whose activations depend on the k-th
+    largest pre-activation of the row (one full encode and one top-k, then everything stays k-sized)."""
+    g = table
+    add, clamp, mul, h_bias = (g.ops == op for op in SteerOp)
+    coef = torch.where(add, g.values, torch.zeros_like(g.values)).expand(x.shape[0], -1)  # [n, E]
+    needs_f = clamp | mul | h_bias
+    rows = g.mask[:, needs_f].any(dim=1).nonzero().squeeze(1) if bool(needs_f.any()) else None
+    if rows is None or rows.numel() == 0:
+        return (coef * g.mask) @ sae.W_dec[g.features]
+    features, inv = g.features.unique(return_inverse=True)  # [U], [E]
+    mask = g.mask[rows]  # [r, E]
+    bias = torch.zeros(len(rows), len(features), dtype=x.dtype)  # [r, U] summed h_bias per feature
+    bias.index_add_(1, inv, mask * torch.where(h_bias, g.values, torch.zeros_like(g.values)))
+    xr = x[rows]
+    extra = torch.zeros_like(x)
+    if sae.needs_full_encode:
+        f_u, hb_delta = topk_activations(sae, xr, features, bias)
+        if hb_delta is not None:
+            extra[rows] = hb_delta
+    else:
+        pre_u = xr @ sae.W_enc[:, features] + sae.b_enc[features]  # [r, U]
+        f_u = sae.activate_columns(pre_u, features)
+        if bool(h_bias.any()):
+            extra[rows] = (sae.activate_columns(pre_u + bias, features) - f_u) @ sae.W_dec[features]
+    f = f_u[:, inv]  # [r, E]
+    c = coef[rows]
+    c = torch.where(clamp, g.values - f, c)
+    c = torch.where(mul, (g.values - 1.0) * f, c)
+    coef = coef.clone()
+    coef[rows] = torch.where(h_bias, torch.zeros_like(c), c)
+    return (coef * g.mask) @ sae.W_dec[g.features] + extra
+
+
+def topk_activations(
+    sae: FoldedSAE, x: torch.Tensor, features: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TopK activations of `features` [r, U] and, with h_bias, the change it makes to the decoded output [r, d_in].
+    With at most m biased latents per row, unbiased latents outside the top k+m can never enter the new top k, so
+    the new k-th largest is found among k+2m candidates instead of a second full top-k."""
+    assert sae.k is not None
+    k = sae.k
+    m = int(bias.ne(0).sum(dim=1).max())
+    pre = x @ sae.W_enc + sae.b_enc  # [r, d_sae]
+    top_vals, top_idx = pre.relu().topk(min(k + m, pre.shape[1]), dim=-1)  # sorted, [r, k+m]
+    t0 = top_vals[:, k - 1 : k]  # [r, 1] k-th largest activation
+    pre_u = pre[:, features]  # [r, U]
+    a_u = pre_u.relu()
+    f_u = a_u * (a_u >= t0)
+    if m == 0:
+        return f_u, None
+    in_top = top_idx.unsqueeze(2) == features.view(1, 1, -1)  # [r, k+m, U]
+    cand_new = (pre.gather(1, top_idx) + (in_top * bias.unsqueeze(1)).sum(dim=2)).relu()  # [r, k+m]
+    u_new = (pre_u + bias).relu()  # [r, U]
+    outside = ~in_top.any(dim=1)  # [r, U] biased features not among the candidates
+    pool = torch.cat([cand_new, u_new.masked_fill(~outside, -1.0)], dim=1)
+    t1 = pool.topk(k, dim=-1).values[:, -1:]  # [r, 1] k-th largest after the bias
+    change = torch.zeros_like(pre)  # [r, d_sae], non-zero only where an activation moved
+    change.scatter_(1, top_idx, cand_new * (cand_new >= t1) - top_vals * (top_vals >= t0))
+    change[:, features] += (u_new * (u_new >= t1) - f_u) * outside
+    cols = change.ne(0).any(dim=0).nonzero().squeeze(1)
+    return f_u, change[:, cols] @ sae.W_dec[cols]

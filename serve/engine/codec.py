@@ -1,0 +1,92 @@
+"""The request <-> worker codec: steering and capture specs as plain values in `SamplingParams.extra_args`.
+
+vLLM serialises `extra_args` with msgspec, so only JSON-like values cross from the engine facade to its workers.
+`encode` runs in the replica (engine facade), `decode` in every vLLM worker; both sides meet only here. Ops and
+position modes travel as the integer values of `SteerOp` and `PositionMode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from sae.steering import SteerOp
+
+if TYPE_CHECKING:
+    from serve.specs import CaptureSpec, SteeringEntry
+
+EXTRA_ARGS_KEY = "sae_serve"
+
+
+class PositionMode(IntEnum):
+    """Which token rows of a request an entry steers."""
+
+    ALL = 0
+    PROMPT = 1
+    GENERATED = 2
+
+
+@dataclass(frozen=True)
+class EncodedEntry:
+    """One steering entry as the worker reads it."""
+
+    sae: str
+    feature: int
+    op: SteerOp
+    value: float
+    positions: PositionMode
+
+
+@dataclass
+class EncodedCapture:
+    """What to record per token for one capture request; `id` keys the rows the facade pops after the request."""
+
+    id: str
+    saes: list[str]
+    top_k: int
+    features: dict[str, list[int]] = field(default_factory=dict)
+    include_generated: bool = False
+
+
+@dataclass
+class EncodedRequest:
+    """A request's steering and capture, decoded in the worker."""
+
+    steer: list[EncodedEntry]
+    capture: EncodedCapture | None
+
+
+def encode(entries: Iterable["SteeringEntry"], capture: "CaptureSpec | None", capture_id: str | None) -> dict:
+    """The `extra_args` of a request; empty when it neither steers nor captures."""
+    out: dict[str, Any] = {}
+    steer = [[e.sae, e.feature, int(SteerOp[e.op.upper()]), float(e.value), int(PositionMode[e.positions.upper()])]
+             for e in entries]
+    if steer:
+        out["steer"] = steer
+    if capture is not None:
+        out["capture"] = {
+            "id": capture_id,
+            "saes": list(capture.saes),
+            "top_k": capture.top_k,
+            "features": {k: list(v) for k, v in capture.features.items()},
+            "include_generated": capture.include_generated,
+        }
+    return {EXTRA_ARGS_KEY: out} if out else {}
+
+
+def decode(extra_args: dict | None) -> EncodedRequest | None:
+    """The worker's view of `encode`'s output; None for a request that neither steers nor captures."""
+    spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
+    if not spec:
+        return None
+    steer = [EncodedEntry(str(sae), int(feature), SteerOp(op), float(value), PositionMode(positions))
+             for sae, feature, op, value, positions in spec.get("steer", ())]
+    cap = spec.get("capture")
+    capture = None
+    if cap:
+        capture = EncodedCapture(id=cap["id"], saes=list(cap["saes"]), top_k=int(cap["top_k"]),
+                                 features={k: list(v) for k, v in cap.get("features", {}).items()},
+                                 include_generated=bool(cap.get("include_generated", False)))
+    return EncodedRequest(steer, capture)

@@ -1,0 +1,311 @@
+"""The SAE engine API: one vLLM AsyncLLM with SAE hook points, steering and capture.
+
+The only module of the project that talks to vLLM's engine; the Ray Serve deployment owns one `SAEEngine`.
+Specs are validated here (and only here), before a request reaches vLLM, so a bad spec never occupies a batch
+slot. vLLM's engine-dead errors become `EngineUnavailable` here, the one place that classifies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve.engine import codec
+from serve.engine.config import EngineConfig
+from serve.errors import EngineUnavailable, SpecError
+from serve.specs import CaptureSpec, SAEMeta, SteeringEntry, steering_cache_salt, validate_capture, validate_steering
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling options of one request, engine-side (the API layer maps OpenAI fields onto it)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None  # top logprobs per generated token
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class OutputDelta:
+    """New tokens of one of the n sequences since the last update."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None  # per new token: token id -> logprob (sampled one included)
+    finish_reason: str | None
+
+
+@dataclass
+class GenerationUpdate:
+    """One step of a generation stream; `captures` is set on the final update of a capture request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[OutputDelta]
+    finished: bool
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    captures: dict[str, dict[str, list]] | None = None
+
+
+@dataclass
+class ActivationsResult:
+    """Per-token SAE features of a text; rows follow `token_ids` (prompt, then generated if asked)."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    generated_text: str
+    per_sae: dict[str, dict[str, list]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _engine_down_errors() -> Iterator[None]:
+    """vLLM's engine-dead error, raised as the service's EngineUnavailable."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except EngineDeadError:
+        raise EngineUnavailable() from None
+
+
+class SAEEngine:
+    """Async facade over vLLM's AsyncLLM; create with `await SAEEngine.start(config)`."""
+
+    def __init__(self, config: EngineConfig, llm, model_dir: Path, dims: dict):
+        self.config = config
+        self.model_dir = model_dir
+        self.d_model: int = dims["d_model"]
+        self.n_layers: int = dims["n_layers"]
+        self._llm = llm
+        self._saes: dict[str, SAEMeta] = {}
+        self._sae_lock = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, config: EngineConfig) -> "SAEEngine":
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from serve.engine.model_files import resolve_model
+        from serve.engine.worker.plugin import MODEL_ARCH
+
+        model_dir = resolve_model(config.model)
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=config.dtype,
+            enforce_eager=config.enforce_eager,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
+            enable_prefix_caching=config.enable_prefix_caching,
+            hf_overrides={"architectures": [MODEL_ARCH]},
+            worker_extension_cls="serve.engine.worker.extension.SAEWorkerExtension",
+            load_format="dummy" if config.load_dummy_weights else "auto",
+            seed=config.seed,
+            disable_log_stats=True,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        try:
+            dims = (await llm.collective_rpc("sae_attach"))[0]
+            engine = cls(config, llm, model_dir, dims)
+            for sae_id, path in config.saes.items():
+                await engine.load_sae(path, sae_id)
+        except BaseException:
+            llm.shutdown()
+            raise
+        return engine
+
+    @property
+    def tokenizer(self):
+        return self._llm.get_tokenizer()
+
+    @property
+    def running(self) -> bool:
+        """False once shut down or once vLLM's engine core died (a cheap probe for Ray Serve's health check)."""
+        return self._llm is not None and not self._llm.errored
+
+    def _check_running(self) -> None:
+        if self._llm is None or self._llm.errored:
+            raise EngineUnavailable()
+
+    # --- SAEs ---------------------------------------------------------------------------------------
+    def saes(self) -> list[SAEMeta]:
+        return list(self._saes.values())
+
+    async def load_sae(self, path: str | Path, sae_id: str | None = None) -> SAEMeta:
+        """Validate in the driver, then load on every worker; a bad SAE raises and changes nothing."""
+        from sae import load_sae, validate_for_model
+
+        self._check_running()
+        path = Path(path)
+        module = load_sae(path)  # reads and checks shapes/finite values before any worker is touched
+        validate_for_model(module.cfg, self.d_model, self.n_layers)
+        sae_id = sae_id or path.name
+        meta = SAEMeta(
+            sae_id=sae_id,
+            hook_point=module.cfg.hook_point,
+            d_in=module.cfg.d_in,
+            d_sae=module.cfg.d_sae,
+            architecture=module.cfg.architecture,
+            version=_weights_digest(path),
+        )
+        async with self._sae_lock:
+            with _engine_down_errors():
+                await self._llm.collective_rpc("sae_load", args=(sae_id, str(path)))
+            self._saes[sae_id] = meta
+        return meta
+
+    async def unload_sae(self, sae_id: str) -> None:
+        self._check_running()
+        async with self._sae_lock:
+            if sae_id not in self._saes:
+                raise KeyError(sae_id)
+            del self._saes[sae_id]
+            with _engine_down_errors():
+                await self._llm.collective_rpc("sae_unload", args=(sae_id,))
+
+    # --- generation ---------------------------------------------------------------------------------
+    def _check_specs(self, steering: list[SteeringEntry], capture: CaptureSpec | None = None, n: int = 1) -> None:
+        if len(steering) > self.config.max_steering_entries:
+            raise SpecError(f"steering: at most {self.config.max_steering_entries} entries", "steering")
+        validate_steering(steering, self._saes, self.config.max_abs_steering_value)
+        if capture is not None:
+            if n != 1:
+                raise SpecError("n: feature capture needs n == 1", "n")
+            validate_capture(capture, self._saes)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling: Sampling,
+        steering: list[SteeringEntry] = (),
+        capture: CaptureSpec | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationUpdate]:
+        """Stream deltas; raises SpecError before anything is queued if a spec is invalid."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        steering = list(steering)
+        self._check_running()
+        self._check_specs(steering, capture, sampling.n)
+        request_id = request_id or uuid.uuid4().hex
+        capture_id = uuid.uuid4().hex if capture is not None else None
+        extra = codec.encode(steering, capture, capture_id)
+        params = SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            logprobs=sampling.logprobs,
+            prompt_logprobs=sampling.prompt_logprobs,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra or None,
+        )
+        engine_prompt: dict = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        # Capture must compute every prompt position, so it never reads cached KV; steered KV is salted per spec.
+        salt = f"capture-{capture_id}" if capture_id else steering_cache_salt(steering, self._saes)
+        if salt:
+            engine_prompt["cache_salt"] = salt
+        finished = False
+        try:
+            with _engine_down_errors():
+                async for out in self._llm.generate(engine_prompt, params, request_id):
+                    finished = out.finished
+                    update = _to_update(request_id, out)
+                    if finished and capture_id is not None:
+                        update.captures = (await self._llm.collective_rpc("sae_capture_pop", args=(capture_id,)))[0]
+                    yield update
+        finally:
+            if not finished:
+                with _engine_down_errors():
+                    await self._llm.abort(request_id)
+                    if capture_id is not None:
+                        await self._llm.collective_rpc("sae_capture_pop", args=(capture_id,))
+
+    async def activations(
+        self,
+        prompt: str | list[int],
+        capture: CaptureSpec,
+        steering: list[SteeringEntry] = (),
+        sampling: Sampling | None = None,
+    ) -> ActivationsResult:
+        """Per-token features of the prompt (and of generated tokens when `sampling` asks for a continuation)."""
+        sampling = sampling or Sampling(max_tokens=1, temperature=0.0)
+        prompt_ids: list[int] = []
+        generated: list[int] = []
+        text: list[str] = []
+        captures: dict = {}
+        async for update in self.generate(prompt, sampling, steering, capture):
+            prompt_ids = update.prompt_token_ids
+            for o in update.outputs:
+                generated += o.token_ids
+                text.append(o.text)
+            if update.captures is not None:
+                captures = update.captures
+        keep_generated = capture.include_generated and sampling.max_tokens > 1
+        ids = prompt_ids + (generated if keep_generated else [])
+        return ActivationsResult(
+            token_ids=ids,
+            num_prompt_tokens=len(prompt_ids),
+            generated_text="".join(text) if keep_generated else "",
+            per_sae=captures,
+        )
+
+    async def health(self) -> None:
+        """Raise unless the engine answers a one-token generation."""
+        async for _ in self.generate([1], Sampling(max_tokens=1, temperature=0.0)):
+            pass
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def _to_update(request_id: str, out) -> GenerationUpdate:
+    outputs = [
+        OutputDelta(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            logprobs=[{t: lp.logprob for t, lp in pos.items()} for pos in c.logprobs] if c.logprobs is not None else None,
+            finish_reason=c.finish_reason,
+        )
+        for c in out.outputs
+    ]
+    prompt_lp = None
+    if out.prompt_logprobs is not None:
+        prompt_lp = [None if p is None else {t: lp.logprob for t, lp in p.items()} for p in out.prompt_logprobs]
+    return GenerationUpdate(
+        request_id=request_id,
+        prompt_token_ids=list(out.prompt_token_ids or []),
+        outputs=outputs,
+        finished=out.finished,
+        prompt_logprobs=prompt_lp,
+    )
+
+
+def _weights_digest(folder: Path) -> str:
+    """Cheap version tag of an SAE folder: size and mtime of its files (the salt must change when weights do)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

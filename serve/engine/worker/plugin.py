@@ -1,0 +1,15 @@
+"""vLLM general plugin (entry point `vllm.general_plugins`): runs in every vLLM process, driver and engine core."""
+
+from __future__ import annotations
+
+MODEL_ARCH = "SAELlamaForCausalLM"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    from serve.engine.worker.op import register_op
+
+    register_op()
+    if MODEL_ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(MODEL_ARCH, "serve.engine.worker.model:SAELlamaForCausalLM")

@@ -1,0 +1,98 @@
+"""Steering and capture specs: the one representation of a steering entry, shared by the wire protocol, the replica
+and the engine facade, and their validation against the loaded SAEs (pure pydantic; the engine's codec carries
+them to the workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.errors import SpecError
+
+SteeringOp = Literal["add", "clamp", "mul", "h_bias"]
+Positions = Literal["all", "prompt", "generated"]
+FeatureSelection = dict[str, list[Annotated[int, Field(ge=0)]]]  # SAE id -> feature indices
+
+
+class SteeringEntry(BaseModel):
+    """One intervention on one SAE feature (the ops are defined in `sae/steering.py`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    sae: str = Field(min_length=1, description="Id of a loaded SAE.")
+    feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
+    value: float = Field(description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias.")
+    op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias.")
+    positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
+
+
+class CaptureSpec(BaseModel):
+    """Which feature activations to record per token."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    saes: list[str] = Field(min_length=1, description="SAE ids to capture at.")
+    top_k: int = Field(default=16, ge=0, le=256, description="Top features (index, value) recorded per token and SAE.")
+    features: FeatureSelection = Field(
+        default_factory=dict, description="Per SAE id, feature indices whose values are recorded for every token."
+    )
+    include_generated: bool = Field(default=False, description="Also record generated tokens, not only the prompt.")
+
+
+@dataclass(frozen=True)
+class SAEMeta:
+    """What the driver knows of a loaded SAE, enough to validate specs without touching tensors."""
+
+    sae_id: str
+    hook_point: str
+    d_in: int
+    d_sae: int
+    architecture: str
+    version: str
+
+
+def validate_steering(entries: list[SteeringEntry], saes: dict[str, SAEMeta], max_abs_value: float) -> None:
+    for i, e in enumerate(entries):
+        meta = saes.get(e.sae)
+        if meta is None:
+            known = ", ".join(sorted(saes)) or "none loaded"
+            raise SpecError(f"steering[{i}].sae: unknown SAE {e.sae!r} (loaded: {known})", f"steering[{i}].sae")
+        if e.feature >= meta.d_sae:
+            raise SpecError(
+                f"steering[{i}].feature: {e.feature} out of range for SAE {e.sae!r} with {meta.d_sae} features",
+                f"steering[{i}].feature",
+            )
+        if not math.isfinite(e.value) or abs(e.value) > max_abs_value:
+            raise SpecError(f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value")
+
+
+def validate_capture(spec: CaptureSpec, saes: dict[str, SAEMeta]) -> None:
+    for i, sae_id in enumerate(spec.saes):
+        if sae_id not in saes:
+            known = ", ".join(sorted(saes)) or "none loaded"
+            raise SpecError(f"saes[{i}]: unknown SAE {sae_id!r} (loaded: {known})", f"saes[{i}]")
+    for sae_id, idx in spec.features.items():
+        if sae_id not in spec.saes:
+            raise SpecError(f"features: SAE {sae_id!r} is not among the captured saes", "features")
+        bad = [i for i in idx if i >= saes[sae_id].d_sae]
+        if bad:
+            raise SpecError(
+                f"features[{sae_id!r}]: indices {bad} out of range ({saes[sae_id].d_sae} features)", "features"
+            )
+
+
+def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) -> str | None:
+    """Prefix-cache salt: equal specs (on equal SAE versions) share KV blocks, different specs never do."""
+    if not entries:
+        return None
+    canon = sorted(
+        (e.sae, saes[e.sae].version, e.feature, e.op, repr(float(e.value)), e.positions) for e in entries
+    )
+    return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
+
