@@ -74,6 +74,36 @@ class RequestObserver:
             record()
 
 
+# FastAPI documents a 422 on every route with parameters; validation errors leave as 400 (serve/http/errors.py).
+_UNSENT_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def without_unsent_422(schema: dict) -> dict:
+    """The OpenAPI document without FastAPI's 422 responses, and without their schemas once nothing refers to them."""
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            if isinstance(operation, dict):
+                operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in _UNSENT_SCHEMAS:  # HTTPValidationError first: it is what refers to ValidationError
+        if name in components:
+            held = components.pop(name)
+            if f'"#/components/schemas/{name}"' in json.dumps(schema):
+                components[name] = held  # still referred to
+    return schema
+
+
+def _install_openapi(app: FastAPI) -> None:
+    generate = app.openapi  # FastAPI's: builds the document once and caches it in app.openapi_schema
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = without_unsent_422(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_api(ctx: IngressContext) -> FastAPI:
     app = FastAPI(
         title="sae-serve",
@@ -84,5 +114,6 @@ def create_api(ctx: IngressContext) -> FastAPI:
     install_error_handlers(app)
     for module in (openai, activations, saes, ops, ui):
         app.include_router(module.router)
+    _install_openapi(app)
     app.add_middleware(RequestObserver, ctx=ctx)
     return app

@@ -1,5 +1,7 @@
 """A bounded schemathesis run over the live service's /openapi.json: schema-valid and schema-violating requests
-to every endpoint must never get a 5xx, and every 4xx must be in the OpenAI error shape.
+to every endpoint must never get a 5xx, every 4xx must be in the OpenAI error shape, and every answer's status code
+and content type must be ones the document declares for that operation (a client generated from it must not meet an
+undocumented status or media type).
 
 DELETE /v1/saes/{id} is left out (a generated `toy` would unload the shared service's SAE); the adversarial tests
 cover it with unknown ids. SAEs a generated POST /v1/saes manages to load are unloaded again at once.
@@ -13,6 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
 from tests.faults.openai_shape import assert_clean_4xx
 
@@ -38,6 +42,8 @@ EXAMPLES_PER_OPERATION = 60
 # Generated requests may ask for up to the service's limits; a few tokens are enough to exercise generation.
 FEW_TOKENS = 4
 FEW_CHOICES = 2
+# What schemathesis itself checks of each answer, besides the asserts below.
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +121,7 @@ def test_generated_requests_get_no_5xx_and_openai_shaped_4xx(service, api_schema
             assert_clean_4xx(response)
         if (method, path) in ADMIN_OPERATIONS:
             _restore_sae_set(service, response)
+        case.validate_response(response, checks=CHECKS)
 
     check()
     assert seen, "no request was sent"

@@ -7,12 +7,13 @@ from fastapi import APIRouter, Depends
 from serve.errors import InvalidRequest
 from serve.http.context import IngressContext
 from serve.http.routes.deps import get_ctx, require_user
+from serve.http.routes.responses import errors
 from serve.protocol import ActivationsRequest, ActivationsResponse
 
 router = APIRouter(dependencies=[Depends(require_user)])
 
 
-@router.post("/v1/activations", response_model=ActivationsResponse)
+@router.post("/v1/activations", response_model=ActivationsResponse, responses=errors(400, 401, 404, 413, 503))
 async def activations(req: ActivationsRequest, ctx: IngressContext = Depends(get_ctx)) -> ActivationsResponse:
     ctx.check_model(req.model)
     if (req.input is None) == (req.messages is None):

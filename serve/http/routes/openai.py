@@ -14,6 +14,7 @@ from serve.http.context import IngressContext
 from serve.http.errors import error_body, error_type
 from serve.http.replica_client import GenerationStream
 from serve.http.routes.deps import get_ctx, require_user
+from serve.http.routes.responses import errors, json_or_sse
 from serve.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -40,21 +41,22 @@ from serve.protocol import (
 router = APIRouter(dependencies=[Depends(require_user)])
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=errors(401))
 async def list_models(ctx: IngressContext = Depends(get_ctx)) -> ModelList:
     return ModelList(data=[ModelCard(id=ctx.config.served_model_name, created=ctx.created)])
 
 
 # Documented only (the body is JSON or, with stream=true, SSE): clients and the SDK's contract test read these schemas.
-_SSE = "With stream=true: server-sent events of these objects (chunks), ending with `data: [DONE]`."
+# 404: an unknown model; 503: the replica is down or overloaded (refusals before the stream starts are plain HTTP).
+_GENERATION_ERRORS = (400, 401, 404, 413, 503)
 
 
-@router.post("/v1/completions", responses={200: {"model": Completion, "description": _SSE}})
+@router.post("/v1/completions", responses={**json_or_sse(Completion), **errors(*_GENERATION_ERRORS)})
 async def completions(req: CompletionRequest, ctx: IngressContext = Depends(get_ctx)):
     return await _create_completion(ctx, req)
 
 
-@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletion, "description": _SSE}})
+@router.post("/v1/chat/completions", responses={**json_or_sse(ChatCompletion), **errors(*_GENERATION_ERRORS)})
 async def chat_completions(req: ChatCompletionRequest, ctx: IngressContext = Depends(get_ctx)):
     return await _create_chat_completion(ctx, req)
 

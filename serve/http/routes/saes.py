@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from serve.errors import InvalidRequest, ServeError
 from serve.http.context import IngressContext
 from serve.http.routes.deps import get_ctx, require_admin, require_user
+from serve.http.routes.responses import errors, png
 from serve.protocol import FeatureCard, FeatureList, RegistryStatus, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
 
 router = APIRouter(dependencies=[Depends(require_user)])
@@ -21,19 +22,19 @@ async def refresh_loaded_gauge(ctx: IngressContext) -> None:
         pass
 
 
-@router.get("/v1/saes", response_model=SAEList)
+@router.get("/v1/saes", response_model=SAEList, responses=errors(401, 503))
 async def list_saes(ctx: IngressContext = Depends(get_ctx)) -> SAEList:
     saes = await ctx.replica.saes()
     ctx.metrics.loaded_saes.set(len(saes))
     return SAEList(data=saes)
 
 
-@router.get("/v1/saes/{sae_id}", response_model=SAECard)
+@router.get("/v1/saes/{sae_id}", response_model=SAECard, responses=errors(401, 404, 503))
 async def sae_card(sae_id: str, ctx: IngressContext = Depends(get_ctx)) -> SAECard:
     return await ctx.replica.sae_card(sae_id)
 
 
-@router.get("/v1/saes/{sae_id}/features", response_model=FeatureList)
+@router.get("/v1/saes/{sae_id}/features", response_model=FeatureList, responses=errors(400, 401, 404, 503))
 async def feature_list(sae_id: str,
                        q: str = Query(default="", max_length=200, description="Feature index, or text to find."),
                        limit: int = Query(default=50, ge=1, le=100_000, description="Summaries per page."),
@@ -42,13 +43,13 @@ async def feature_list(sae_id: str,
     return await ctx.replica.feature_list(sae_id, q, limit, offset)
 
 
-@router.get("/v1/saes/{sae_id}/plots/{name}", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}})
+@router.get("/v1/saes/{sae_id}/plots/{name}", response_class=Response, responses={**png(), **errors(401, 404, 503)})
 async def sae_plot(sae_id: str, name: str, ctx: IngressContext = Depends(get_ctx)) -> Response:
     return Response(await ctx.replica.sae_plot(sae_id, name), media_type="image/png")
 
 
-@router.get("/v1/saes/{sae_id}/features/{feature}", response_model=FeatureCard)
+@router.get("/v1/saes/{sae_id}/features/{feature}", response_model=FeatureCard,
+            responses=errors(400, 401, 404, 503))
 async def feature_card(sae_id: str, feature: int, top_n: int = Query(default=10, description="Tokens per side."),
                        ctx: IngressContext = Depends(get_ctx)) -> FeatureCard:
     if not 1 <= top_n <= ctx.config.limits.max_feature_top_n:
@@ -56,7 +57,8 @@ async def feature_card(sae_id: str, feature: int, top_n: int = Query(default=10,
     return await ctx.replica.feature(sae_id, feature, top_n)
 
 
-@router.post("/v1/saes", response_model=SAEInfo, dependencies=[Depends(require_admin)])
+@router.post("/v1/saes", response_model=SAEInfo, dependencies=[Depends(require_admin)],
+             responses=errors(400, 401, 403, 413, 503))
 async def load_sae(req: SAELoadRequest, ctx: IngressContext = Depends(get_ctx)) -> SAEInfo:
     try:
         info = await ctx.replica.load_sae(req.path, req.id)
@@ -67,7 +69,8 @@ async def load_sae(req: SAELoadRequest, ctx: IngressContext = Depends(get_ctx)) 
     return info
 
 
-@router.delete("/v1/saes/{sae_id}", response_model=SAEDeleted, dependencies=[Depends(require_admin)])
+@router.delete("/v1/saes/{sae_id}", response_model=SAEDeleted, dependencies=[Depends(require_admin)],
+               responses=errors(401, 403, 404, 503))
 async def unload_sae(sae_id: str, ctx: IngressContext = Depends(get_ctx)) -> SAEDeleted:
     try:
         await ctx.replica.unload_sae(sae_id)
@@ -78,7 +81,7 @@ async def unload_sae(sae_id: str, ctx: IngressContext = Depends(get_ctx)) -> SAE
     return SAEDeleted(id=sae_id)
 
 
-@router.get("/v1/registry", response_model=RegistryStatus)
+@router.get("/v1/registry", response_model=RegistryStatus, responses=errors(401, 503))
 async def registry_status(ctx: IngressContext = Depends(get_ctx)) -> RegistryStatus:
     """What became of each SAE the trainer published into the registry (loaded, rejected with why, pending)."""
     return await ctx.replica.registry_status()
