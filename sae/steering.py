@@ -15,6 +15,8 @@ from enum import IntEnum
 
 import torch
 
+from . import architectures
+from .config import SAEConfig
 from .model import SparseAutoencoder
 
 # Architectures whose activation of one latent depends on all the others (the k-th largest pre-activation).
@@ -32,31 +34,51 @@ class SteerOp(IntEnum):
 
 @dataclass
 class FoldedSAE:
-    """An SAE ready for the hot path: input scale and b_dec subtraction folded into the encoder, decoder in model space."""
+    """An SAE ready for the hot path, its weights held once: input scale and b_dec subtraction folded into the
+    encoder (instead of kept beside it), decoder in model space. The decoder bias is not needed: steering changes
+    activations, and the delta of a decode is the decode of the delta."""
 
-    architecture: str
-    k: int | None
+    cfg: SAEConfig
     W_enc: torch.Tensor  # [d_in, d_sae]
     b_enc: torch.Tensor  # [d_sae]
     W_dec: torch.Tensor  # [d_sae, d_in], divided by input_scale
     threshold: torch.Tensor | None  # [d_sae] for jumprelu
-    module: SparseAutoencoder
 
     @classmethod
     def build(cls, module: SparseAutoencoder, device: torch.device) -> "FoldedSAE":
+        """From a loaded module, which the caller then drops (its tensors are reused or copied once here)."""
         module = module.to(device=device, dtype=torch.float32).eval()
+        cfg = module.cfg
         with torch.no_grad():
-            w, b = module.folded_encoder()
-            w_dec = module.W_dec / module.cfg.input_scale
-        return cls(module.cfg.architecture, module.cfg.k, w.contiguous(), b, w_dec.contiguous(), module.threshold,
-                   module)
+            if cfg.input_scale == 1.0 and not cfg.b_dec_in_encoder:
+                w, b = module.W_enc.detach(), module.b_enc.detach()
+            else:
+                w, b = module.folded_encoder()
+            w_dec = module.W_dec.detach() if cfg.input_scale == 1.0 else module.W_dec.detach() / cfg.input_scale
+        threshold = module.threshold.detach() if module.threshold is not None else None
+        return cls(cfg, w.contiguous(), b, w_dec.contiguous(), threshold)
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    @property
+    def k(self) -> int | None:
+        return self.cfg.k
 
     @property
     def needs_full_encode(self) -> bool:
         return self.architecture in FULL_ENCODE_ARCHITECTURES
 
+    def resident_bytes(self) -> int:
+        tensors = [self.W_enc, self.b_enc, self.W_dec] + ([self.threshold] if self.threshold is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:  # [n, d_sae] -> [n, d_sae]
+        return architectures.get_architecture(self.architecture)(pre, self)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_sae]
-        return self.module.activate(x @ self.W_enc + self.b_enc)
+        return self.activate(x @ self.W_enc + self.b_enc)
 
     def activate_columns(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Elementwise activation of chosen latents' pre-activations [n, E]; only valid without full encode."""

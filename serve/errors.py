@@ -115,6 +115,14 @@ class Overloaded(Unavailable):
     default_code = "overloaded"
 
 
+class SteeringUnavailable(ServeError):
+    """503: this engine refuses steering (its probe found steering not applied on decode steps); plain
+    generation is still served. Retrying does not help: the operator must fix the engine's configuration."""
+
+    status = 503
+    default_code = "steering_unavailable"
+
+
 class InternalError(ServeError):
     """500: a failure of ours the caller cannot fix."""
 

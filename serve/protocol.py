@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from serve.specs import FeatureSelection, SteeringEntry
+from serve.specs import FeatureSelection, SteeringEntry, SteeringReport
 
 
 class _Body(BaseModel):
@@ -209,6 +209,10 @@ class Completion(_Body):
     choices: list[CompletionChoice] = Field(description="Choices.")
     usage: Usage | None = Field(default=None, description="Token usage.")
     system_fingerprint: str | None = Field(default=None, description="Always null.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
+    )
 
 
 # --- /v1/chat/completions -------------------------------------------------------------------------------------------
@@ -316,6 +320,10 @@ class ChatCompletion(_Body):
     choices: list[ChatChoice] = Field(description="Choices.")
     usage: Usage | None = Field(default=None, description="Token usage.")
     system_fingerprint: str | None = Field(default=None, description="Always null.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
+    )
 
 
 class ChatDelta(_Body):
@@ -338,6 +346,10 @@ class ChatCompletionChunk(_Body):
     choices: list[ChatChunkChoice] = Field(description="Empty on the usage chunk.")
     usage: Usage | None = Field(default=None, description="On the usage chunk only.")
     system_fingerprint: str | None = Field(default=None, description="Always null.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
+    )
 
 
 # --- /v1/models -----------------------------------------------------------------------------------------------------
@@ -396,6 +408,10 @@ class ActivationsResponse(_Body):
     generated_text: str = Field(description="The continuation, if any.")
     tokens: list[ActivationToken] = Field(description="One row per token.")
     usage: Usage = Field(description="Token usage.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
+    )
 
 
 # --- /v1/saes -------------------------------------------------------------------------------------------------------
@@ -409,6 +425,7 @@ class SAEInfo(_Body):
     d_in: int = Field(description="Input width (d_model).")
     d_sae: int = Field(description="Number of features.")
     version: str = Field(description="Tag that changes when its weights change.")
+    bytes: int | None = Field(default=None, description="Bytes its weights take in the engine's worker, held once.")
 
 
 class SAEList(_Body):
@@ -519,8 +536,9 @@ class ChoiceDelta:
 
 @dataclass
 class StreamItem:
-    """One message of a generation stream."""
+    """One message of a generation stream; the last one of a steered request carries its steering report."""
 
     prompt_tokens: int = 0
     deltas: list[ChoiceDelta] = field(default_factory=list)
     finished: bool = False
+    steering_report: list[SteeringReport] | None = None

@@ -55,6 +55,7 @@ class SAEMeta:
     d_sae: int
     architecture: str
     version: str
+    resident_bytes: int = 0  # of its weights in the worker (per rank that holds its layer)
 
 
 def validate_steering(entries: list[SteeringEntry], saes: dict[str, SAEMeta], max_abs_value: float) -> None:
@@ -96,3 +97,22 @@ def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) 
     )
     return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
 
+
+
+ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded"]
+
+
+class SteeringReport(BaseModel):
+    """What one steering entry of a request did: the token rows it steered (summed over the n choices; a row the
+    engine computed twice, after preemption, counts twice) and a status:
+    applied (steered_tokens > 0); no_tokens (its positions matched no token the model computed, e.g. `generated`
+    with a one-token answer); not_applied (it should have steered tokens but steered none: logged as an error);
+    sae_not_loaded (its SAE was unloaded after the request was accepted: nothing was steered)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(description="Place of the entry in the request's steering list.")
+    sae: str = Field(description="SAE id of the entry.")
+    feature: int = Field(description="Feature index of the entry.")
+    steered_tokens: int = Field(description="Token rows this entry steered.")
+    status: ReportStatus = Field(description="applied | no_tokens | not_applied | sae_not_loaded.")

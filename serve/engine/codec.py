@@ -2,7 +2,9 @@
 
 vLLM serialises `extra_args` with msgspec, so only JSON-like values cross from the engine facade to its workers.
 `encode` runs in the replica (engine facade), `decode` in every vLLM worker; both sides meet only here. Ops and
-position modes travel as the integer values of `SteerOp` and `PositionMode`.
+position modes travel as the integer values of `SteerOp` and `PositionMode`. Each steering or capturing request
+carries a key of its own (vLLM may rename its request ids internally): the worker files its steering report and
+captured rows under it, and the facade pops them under it when the request ends.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class PositionMode(IntEnum):
 
 @dataclass(frozen=True)
 class EncodedEntry:
-    """One steering entry as the worker reads it."""
+    """One steering entry as the worker reads it; `index` is its place in the request's steering list."""
 
+    index: int
     sae: str
     feature: int
     op: SteerOp
@@ -41,9 +44,8 @@ class EncodedEntry:
 
 @dataclass
 class EncodedCapture:
-    """What to record per token for one capture request; `id` keys the rows the facade pops after the request."""
+    """What to record per token for one capture request."""
 
-    id: str
     saes: list[str]
     top_k: int
     features: dict[str, list[int]] = field(default_factory=dict)
@@ -52,13 +54,14 @@ class EncodedCapture:
 
 @dataclass
 class EncodedRequest:
-    """A request's steering and capture, decoded in the worker."""
+    """A request's key, steering and capture, decoded in the worker."""
 
+    key: str
     steer: list[EncodedEntry]
     capture: EncodedCapture | None
 
 
-def encode(entries: Iterable["SteeringEntry"], capture: "CaptureSpec | None", capture_id: str | None) -> dict:
+def encode(entries: Iterable["SteeringEntry"], capture: "CaptureSpec | None", key: str) -> dict:
     """The `extra_args` of a request; empty when it neither steers nor captures."""
     out: dict[str, Any] = {}
     steer = [[e.sae, e.feature, int(SteerOp[e.op.upper()]), float(e.value), int(PositionMode[e.positions.upper()])]
@@ -67,13 +70,15 @@ def encode(entries: Iterable["SteeringEntry"], capture: "CaptureSpec | None", ca
         out["steer"] = steer
     if capture is not None:
         out["capture"] = {
-            "id": capture_id,
             "saes": list(capture.saes),
             "top_k": capture.top_k,
             "features": {k: list(v) for k, v in capture.features.items()},
             "include_generated": capture.include_generated,
         }
-    return {EXTRA_ARGS_KEY: out} if out else {}
+    if not out:
+        return {}
+    out["key"] = key
+    return {EXTRA_ARGS_KEY: out}
 
 
 def decode(extra_args: dict | None) -> EncodedRequest | None:
@@ -81,12 +86,12 @@ def decode(extra_args: dict | None) -> EncodedRequest | None:
     spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
     if not spec:
         return None
-    steer = [EncodedEntry(str(sae), int(feature), SteerOp(op), float(value), PositionMode(positions))
-             for sae, feature, op, value, positions in spec.get("steer", ())]
+    steer = [EncodedEntry(i, str(sae), int(feature), SteerOp(op), float(value), PositionMode(positions))
+             for i, (sae, feature, op, value, positions) in enumerate(spec.get("steer", ()))]
     cap = spec.get("capture")
     capture = None
     if cap:
-        capture = EncodedCapture(id=cap["id"], saes=list(cap["saes"]), top_k=int(cap["top_k"]),
+        capture = EncodedCapture(saes=list(cap["saes"]), top_k=int(cap["top_k"]),
                                  features={k: list(v) for k, v in cap.get("features", {}).items()},
                                  include_generated=bool(cap.get("include_generated", False)))
-    return EncodedRequest(steer, capture)
+    return EncodedRequest(str(spec["key"]), steer, capture)

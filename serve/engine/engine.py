@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import logging
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -17,8 +21,23 @@ from pathlib import Path
 
 from serve.engine import codec
 from serve.engine.config import EngineConfig
-from serve.errors import EngineUnavailable, SpecError
-from serve.specs import CaptureSpec, SAEMeta, SteeringEntry, steering_cache_salt, validate_capture, validate_steering
+from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable
+from serve.specs import (
+    CaptureSpec,
+    SAEMeta,
+    SteeringEntry,
+    SteeringReport,
+    steering_cache_salt,
+    validate_capture,
+    validate_steering,
+)
+
+logger = logging.getLogger("sae_serve")
+
+# The start-up probe: a short greedy generation with and without a strong `add` on generated positions only. The
+# first token comes from the (unsteered) prefill, so any difference after it is made on decode steps.
+PROBE_PROMPT = [1, 2, 3, 4]
+PROBE_TOKENS = 6
 
 
 @dataclass(frozen=True)
@@ -49,7 +68,8 @@ class OutputDelta:
 
 @dataclass
 class GenerationUpdate:
-    """One step of a generation stream; `captures` is set on the final update of a capture request."""
+    """One step of a generation stream; the final update of a steering request carries its `steering_report`,
+    that of a capture request its `captures`."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -57,6 +77,7 @@ class GenerationUpdate:
     finished: bool
     prompt_logprobs: list[dict[int, float] | None] | None = None
     captures: dict[str, dict[str, list]] | None = None
+    steering_report: list[SteeringReport] | None = None
 
 
 @dataclass
@@ -91,6 +112,8 @@ class SAEEngine:
         self._llm = llm
         self._saes: dict[str, SAEMeta] = {}
         self._sae_lock = asyncio.Lock()
+        self._probed_sites: set[str] = set()
+        self.steering_refused: str | None = None  # why steering requests are refused, once a probe failed
 
     @classmethod
     async def start(cls, config: EngineConfig) -> "SAEEngine":
@@ -100,7 +123,11 @@ class SAEEngine:
         from serve.engine.model_files import resolve_model
         from serve.engine.worker.plugin import MODEL_ARCH
 
+        phases = _Phases()
         model_dir = resolve_model(config.model)
+        phases.done("model files")
+        # Read by vLLM in the engine core process it starts below (the environment is inherited).
+        os.environ["VLLM_USE_AOT_COMPILE"] = "1" if config.aot_compile else "0"
         args = AsyncEngineArgs(
             model=str(model_dir),
             dtype=config.dtype,
@@ -118,14 +145,28 @@ class SAEEngine:
         )
         llm = AsyncLLM.from_engine_args(args)
         try:
+            phases.done("vLLM engine (weights, compile, KV cache)")
             dims = (await llm.collective_rpc("sae_attach"))[0]
             engine = cls(config, llm, model_dir, dims)
             for sae_id, path in config.saes.items():
                 await engine.load_sae(path, sae_id)
+            if config.saes:
+                phases.done(f"{len(config.saes)} SAE(s) loaded and probed")
         except BaseException:
             llm.shutdown()
             raise
+        logger.info("engine started: %s", phases)
         return engine
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, config: EngineConfig) -> AsyncIterator["SAEEngine"]:
+        """`async with SAEEngine.running(config) as engine:` — the engine is shut down on every way out."""
+        engine = await cls.start(config)
+        try:
+            yield engine
+        finally:
+            engine.shutdown()
 
     @property
     def tokenizer(self):
@@ -163,9 +204,37 @@ class SAEEngine:
         )
         async with self._sae_lock:
             with _engine_down_errors():
-                await self._llm.collective_rpc("sae_load", args=(sae_id, str(path)))
+                loaded = await self._llm.collective_rpc("sae_load", args=(sae_id, str(path)))
+            meta = dataclasses.replace(meta, resident_bytes=int(loaded[0]["bytes"]))
             self._saes[sae_id] = meta
+        if self.config.probe_steering and meta.hook_point not in self._probed_sites:
+            self._probed_sites.add(meta.hook_point)
+            await self._probe(meta, int(module.W_dec.norm(dim=1).argmax()))
         return meta
+
+    async def _probe(self, meta: SAEMeta, feature: int) -> None:
+        """Prove that steering at this SAE's hook point changes decode steps, or refuse steering from now on."""
+        sampling = Sampling(max_tokens=PROBE_TOKENS, temperature=0.0, ignore_eos=True)
+        entry = SteeringEntry(sae=meta.sae_id, feature=feature, value=self.config.max_abs_steering_value,
+                              positions="generated")
+        plain, steered = [await self._greedy_tokens(sampling, steer) for steer in ([], [entry])]
+        if plain[1:] != steered[1:]:
+            logger.info("steering probe at %s passed: decode steps follow the steering", meta.hook_point)
+            return
+        self.steering_refused = (
+            f"steering is refused on this engine: at start-up, an add of {entry.value:g} on feature {feature} of "
+            f"{meta.sae_id!r} ({meta.hook_point}) did not change any decode step, so steered requests would run "
+            f"unsteered; plain generation is still served. Check that the SAE hook op runs at every step (e.g. not "
+            f"captured inside a CUDA graph) and restart"
+        )
+        logger.error("%s", self.steering_refused)
+
+    async def _greedy_tokens(self, sampling: Sampling, steering: list[SteeringEntry]) -> list[int]:
+        tokens: list[int] = []
+        async for update in self._generate(PROBE_PROMPT, sampling, steering, None):
+            for out in update.outputs:
+                tokens += out.token_ids
+        return tokens
 
     async def unload_sae(self, sae_id: str) -> None:
         self._check_running()
@@ -178,6 +247,8 @@ class SAEEngine:
 
     # --- generation ---------------------------------------------------------------------------------
     def _check_specs(self, steering: list[SteeringEntry], capture: CaptureSpec | None = None, n: int = 1) -> None:
+        if steering and self.steering_refused is not None:
+            raise SteeringUnavailable(self.steering_refused, "steering")
         if len(steering) > self.config.max_steering_entries:
             raise SpecError(f"steering: at most {self.config.max_steering_entries} entries", "steering")
         validate_steering(steering, self._saes, self.config.max_abs_steering_value)
@@ -195,15 +266,26 @@ class SAEEngine:
         request_id: str | None = None,
     ) -> AsyncIterator[GenerationUpdate]:
         """Stream deltas; raises SpecError before anything is queued if a spec is invalid."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         steering = list(steering)
         self._check_running()
         self._check_specs(steering, capture, sampling.n)
+        async for update in self._generate(prompt, sampling, steering, capture, request_id):
+            yield update
+
+    async def _generate(
+        self,
+        prompt: str | list[int],
+        sampling: Sampling,
+        steering: list[SteeringEntry],
+        capture: CaptureSpec | None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationUpdate]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
         request_id = request_id or uuid.uuid4().hex
-        capture_id = uuid.uuid4().hex if capture is not None else None
-        extra = codec.encode(steering, capture, capture_id)
+        key = uuid.uuid4().hex  # files the worker's report and captures of this request
+        extra = codec.encode(steering, capture, key)
         params = SamplingParams(
             n=sampling.n,
             max_tokens=sampling.max_tokens,
@@ -219,24 +301,30 @@ class SAEEngine:
         )
         engine_prompt: dict = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         # Capture must compute every prompt position, so it never reads cached KV; steered KV is salted per spec.
-        salt = f"capture-{capture_id}" if capture_id else steering_cache_salt(steering, self._saes)
+        salt = f"capture-{key}" if capture is not None else steering_cache_salt(steering, self._saes)
         if salt:
             engine_prompt["cache_salt"] = salt
         finished = False
+        generated = 0
         try:
             with _engine_down_errors():
                 async for out in self._llm.generate(engine_prompt, params, request_id):
                     finished = out.finished
                     update = _to_update(request_id, out)
-                    if finished and capture_id is not None:
-                        update.captures = (await self._llm.collective_rpc("sae_capture_pop", args=(capture_id,)))[0]
+                    generated += sum(len(o.token_ids) for o in update.outputs)
+                    if finished and extra:
+                        left = (await self._llm.collective_rpc("sae_finish", args=(key,)))[0]
+                        if capture is not None:
+                            update.captures = left["captures"]
+                        if steering:
+                            update.steering_report = _report(steering, left["report"], generated > sampling.n)
                     yield update
         finally:
             if not finished:
                 with _engine_down_errors():
                     await self._llm.abort(request_id)
-                    if capture_id is not None:
-                        await self._llm.collective_rpc("sae_capture_pop", args=(capture_id,))
+                    if extra:
+                        await self._llm.collective_rpc("sae_finish", args=(key,))
 
     async def activations(
         self,
@@ -299,6 +387,44 @@ def _to_update(request_id: str, out) -> GenerationUpdate:
         finished=out.finished,
         prompt_logprobs=prompt_lp,
     )
+
+
+class _Phases:
+    """Wall time of each start-up phase, for the start-up log line."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._parts: list[str] = []
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self._parts.append(f"{name} {now - self._last:.1f} s")
+        self._last = now
+
+    def __str__(self) -> str:
+        return "; ".join(self._parts)
+
+
+def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[SteeringReport]:
+    """Each entry's steered rows (the worker counts them per entry index) and its status. `decoded`: the request
+    ran at least one decode step, so `generated` entries had tokens to steer."""
+    rows: dict[int, int] = worker["rows"]
+    missing = set(worker["missing"])
+    out = []
+    for i, e in enumerate(steering):
+        steered = int(rows.get(i, 0))
+        if i in missing:
+            status = "sae_not_loaded"
+        elif steered:
+            status = "applied"
+        elif e.positions != "generated" or decoded:
+            status = "not_applied"
+        else:
+            status = "no_tokens"
+        if status in ("not_applied", "sae_not_loaded"):
+            logger.error("steering[%d] (%s feature %d) steered no token: %s", i, e.sae, e.feature, status)
+        out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
+    return out
 
 
 def _weights_digest(folder: Path) -> str:

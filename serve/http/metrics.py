@@ -29,9 +29,34 @@ class ServiceMetrics:
         self.prompt_tokens = Counter("sae_serve:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("sae_serve:generation_tokens", "Tokens generated.", registry=r)
         self.steered = Counter("sae_serve:steered_requests", "Requests steered with each SAE.", ["sae"], registry=r)
+        self.steered_tokens = Counter("sae_serve:steered_tokens", "Token rows steered, by SAE (steering reports).",
+                                      ["sae"], registry=r)
+        self.unapplied_entries = Counter(
+            "sae_serve:unapplied_steering_entries",
+            "Steering entries that steered no token they should have, by SAE and status.", ["sae", "status"],
+            registry=r)
         self.loaded_saes = Gauge("sae_serve:loaded_saes", "SAEs currently served.", registry=r)
+        self.sae_bytes = Gauge("sae_serve:sae_resident_bytes", "Bytes of each served SAE's weights in the engine.",
+                               ["sae"], registry=r)
         self.sae_events = Counter("sae_serve:sae_hot_load_events", "Admin SAE loads/unloads, by action and outcome.",
                                   ["action", "outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def served_saes(self, saes) -> None:
+        """The SAE gauges from a list of `serve.protocol.SAEInfo`."""
+        self.loaded_saes.set(len(saes))
+        self.sae_bytes.clear()
+        for s in saes:
+            if s.bytes is not None:
+                self.sae_bytes.labels(s.id).set(s.bytes)
+
+    def count_report(self, report) -> None:
+        """The counts of one request's steering report (a list of `serve.specs.SteeringReport`)."""
+        for entry in report:
+            if entry.steered_tokens:
+                self.steered_tokens.labels(entry.sae).inc(entry.steered_tokens)
+            if entry.status in ("not_applied", "sae_not_loaded"):
+                self.unapplied_entries.labels(entry.sae, entry.status).inc()
+

@@ -42,6 +42,7 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
     from serve.launch.app import build_app
     from serve.launch.local_cluster import local_ray
 
+    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if address:
             ray.init(address=address)
@@ -60,8 +61,12 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
         try:
             print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
                   file=sys.stderr)
+            ray_s = time.perf_counter() - started
             serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-            print(f"sae-serve: ready on http://{config.host}:{config.port} (Ctrl-C stops)", file=sys.stderr)
+            total_s = time.perf_counter() - started
+            print(f"sae-serve: ready on http://{config.host}:{config.port} in {total_s:.0f} s (Ray {ray_s:.0f} s, "
+                  f"deployments and engine {total_s - ray_s:.0f} s; the replica's log line 'engine started' splits "
+                  f"the engine's part) (Ctrl-C stops)", file=sys.stderr)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

@@ -9,6 +9,7 @@ so unit tests run it against a fake engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,17 @@ def sampling_for(req: GenerationRequest, max_tokens: int) -> Sampling:
                     stop=req.stop_tuple(), n=req.n, logprobs=req.top_logprobs_count())
 
 
+def _log_to_stderr() -> None:
+    """The service's own log lines (engine start-up phases, loads, rejections) on this replica's stderr, which Ray
+    forwards to the driver's console."""
+    log = logging.getLogger("sae_serve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sae-serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 class SAEModel:
     """Owns one engine; converges on the SAE directory's set (see serve/replica/sae_set.py)."""
 
@@ -64,6 +76,7 @@ class SAEModel:
         import torch
 
         torch.set_num_threads(1)  # only feature cards compute here; the engine's worker has its own process
+        _log_to_stderr()
         self.config = ServiceConfig.model_validate(config)
         # SAEs come from the directory, so that every replica serves the same set.
         self._engine = await engine_factory(self.config.engine.model_copy(update={"saes": {}}))
@@ -197,7 +210,8 @@ class SAEModel:
                 if d.logprobs is not None and out.logprobs is not None and top_n is not None:
                     d.logprobs += [self._logprob(t, lp, top_n) for t, lp in zip(out.token_ids, out.logprobs)]
                 d.finish_reason = out.finish_reason or d.finish_reason
-        return StreamItem(prompt_tokens, [deltas[i] for i in sorted(deltas)], group[-1].finished)
+        return StreamItem(prompt_tokens, [deltas[i] for i in sorted(deltas)], group[-1].finished,
+                          group[-1].steering_report)
 
     def _logprob(self, token_id: int, logprobs: dict[int, float], top_n: int) -> TokenLogprob:
         text = self._prompts.token_text
@@ -214,12 +228,14 @@ class SAEModel:
         sampling = Sampling(max_tokens=steps, temperature=req.temperature, seed=req.seed)
         generated: list[int] = []
         captures: dict = {}
+        report = None
         # engine.generate rather than engine.activations: a one-token continuation is returned too.
         async for update in self._engine.generate(rendered.token_ids, sampling, req.steering, capture):
             for out in update.outputs:
                 generated += out.token_ids
             if update.captures is not None:
                 captures = update.captures
+            report = update.steering_report or report
         if req.max_tokens == 0:
             generated = []
         tokens, text, gen_text = await asyncio.to_thread(
@@ -229,6 +245,7 @@ class SAEModel:
             model=self.config.served_model_name, saes=req.saes, text=text, generated_text=gen_text, tokens=tokens,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated),
                         total_tokens=prompt_tokens + len(generated)),
+            steering_report=report,
         )
 
     # --- health ----------------------------------------------------------------------------------------------------

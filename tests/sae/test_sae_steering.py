@@ -13,7 +13,7 @@ from tests.helpers import make_random_sae
 
 def dense_delta(sae: FoldedSAE, t: SteeringTable, x: torch.Tensor) -> torch.Tensor:  # [n, d_in]
     pre = x @ sae.W_enc + sae.b_enc  # [n, d_sae]
-    f = sae.module.activate(pre)
+    f = sae.activate(pre)
     bias = torch.zeros_like(pre)
     coef = torch.zeros(x.shape[0], len(t.features))
     for e, (feature, op, value) in enumerate(zip(t.features.tolist(), t.ops.tolist(), t.values.tolist())):
@@ -23,7 +23,7 @@ def dense_delta(sae: FoldedSAE, t: SteeringTable, x: torch.Tensor) -> torch.Tens
             continue
         fe = f[:, feature]
         coef[:, e] = on * {SteerOp.ADD: value, SteerOp.CLAMP: value - fe, SteerOp.MUL: (value - 1.0) * fe}[op]
-    return coef @ sae.W_dec[t.features] + (sae.module.activate(pre + bias) - f) @ sae.W_dec
+    return coef @ sae.W_dec[t.features] + (sae.activate(pre + bias) - f) @ sae.W_dec
 
 
 @pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
@@ -53,3 +53,14 @@ def test_nothing_steered_is_exactly_zero(tmp_path):
     table = SteeringTable(torch.tensor([1, 2]), torch.tensor([int(SteerOp.CLAMP), int(SteerOp.ADD)]),
                           torch.tensor([3.0, 4.0]), torch.zeros(5, 2))
     assert torch.equal(steering_delta(sae, table, x), torch.zeros(5, 64))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
+def test_folded_sae_holds_its_weights_once_and_encodes_like_the_module(tmp_path, architecture):
+    make_random_sae(tmp_path, "blocks.3.resid_post", architecture, d_in=64, d_sae=512, k=16, seed=5)
+    module = load_sae(tmp_path)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    folded = FoldedSAE.build(module, torch.device("cpu"))
+    assert folded.resident_bytes() <= weight_bytes
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(folded.encode(x), module.encode(x), atol=1e-5, rtol=1e-5)

@@ -250,3 +250,58 @@ async def test_hot_load_validates_and_unloads(engine, tmp_path):
     await engine.unload_sae("new")
     with pytest.raises(SpecError):
         await anext(engine.generate(PROMPT, GREEDY, [SteeringEntry(sae="new", feature=feature, value=30.0)]))
+
+
+async def report_of(engine, prompt, steering, sampling):
+    """(generated token ids, prompt length, the final update's steering report)."""
+    tokens: list[int] = []
+    prompt_len, report = 0, None
+    async for u in engine.generate(prompt, sampling, steering):
+        prompt_len = len(u.prompt_token_ids)
+        for o in u.outputs:
+            tokens += o.token_ids
+        report = u.steering_report if u.finished else report
+    return tokens, prompt_len, report
+
+
+async def test_every_engine_start_probed_its_sites(engine):
+    assert engine.steering_refused is None
+    assert engine._probed_sites >= {hp for hp, _, _ in SAES.values()}  # and any site a later load added
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+async def test_steering_report_counts_the_rows_each_entry_steered(engine, positions):
+    # A prompt of its own per case: a steered spec's KV is shared by equal specs, and cached rows are not recomputed.
+    prompt = f"Report case {positions}: the capital of Italy is"
+    sampling = Sampling(max_tokens=5, temperature=0.0, ignore_eos=True)
+    steering = [SteeringEntry(sae="r15", feature=3, value=2.0, positions=positions),
+                SteeringEntry(sae="t10", feature=1, value=1.0, op="clamp", positions=positions)]
+    tokens, prompt_len, report = await report_of(engine, prompt, steering, sampling)
+    # Each generated token but the last is fed back through the model in a decode step.
+    expected = {"all": prompt_len + len(tokens) - 1, "prompt": prompt_len, "generated": len(tokens) - 1}[positions]
+    assert len(tokens) == 5
+    assert [(r.index, r.sae, r.steered_tokens, r.status) for r in report] == [
+        (0, "r15", expected, "applied"), (1, "t10", expected, "applied")]
+
+
+async def test_generated_entry_of_a_one_token_answer_reports_no_tokens(engine):
+    steering = [SteeringEntry(sae="r15", feature=3, value=2.0, positions="generated")]
+    _, _, report = await report_of(engine, "One token only, please:", steering, Sampling(max_tokens=1, temperature=0.0))
+    assert [(r.steered_tokens, r.status) for r in report] == [(0, "no_tokens")]
+
+
+async def test_an_sae_gone_from_the_worker_after_validation_is_reported(engine, sae_dirs):
+    # The race: the facade validated the entry, but the worker no longer holds the SAE when the request starts.
+    await engine._llm.collective_rpc("sae_unload", args=("j5m",))
+    try:
+        steering = [SteeringEntry(sae="j5m", feature=0, value=5.0), SteeringEntry(sae="r15", feature=3, value=2.0)]
+        _, _, report = await report_of(engine, "An SAE went missing:", steering, GREEDY)
+    finally:
+        await engine._llm.collective_rpc("sae_load", args=("j5m", str(sae_dirs["j5m"])))
+    assert [(r.sae, r.steered_tokens, r.status) for r in report][0] == ("j5m", 0, "sae_not_loaded")
+    assert report[1].status == "applied" and report[1].steered_tokens > 0
+
+
+async def test_unsteered_requests_carry_no_report(engine):
+    _, _, report = await report_of(engine, "No steering here.", [], GREEDY)
+    assert report is None

@@ -111,6 +111,7 @@ async def test_foreign_model_and_sae_steer_and_capture_in_bf16(tiny_engine, tmp_
     (meta,) = tiny_engine.saes()
     assert (meta.hook_point, meta.d_in, meta.d_sae, meta.architecture) == ("blocks.2.resid_post", D_MODEL, D_SAE, "jumprelu")
     assert (tiny_engine.d_model, tiny_engine.n_layers) == (D_MODEL, N_LAYERS)
+    assert tiny_engine.steering_refused is None  # the probe at blocks.2.resid_post passed
     res = await tiny_engine.activations("Hello there, how are", CaptureSpec(saes=["l2r"], top_k=4))
     values = torch.tensor(res.per_sae["l2r"]["top_values"])
     assert values.shape == (len(res.token_ids), 4) and torch.isfinite(values).all() and (values > 0).any()

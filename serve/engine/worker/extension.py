@@ -22,5 +22,7 @@ class SAEWorkerExtension:
     def sae_unload(self, sae_id: str) -> bool:
         return self._sae_runtime().unload(sae_id)
 
-    def sae_capture_pop(self, capture_id: str) -> dict:
-        return self._sae_runtime().captures.pop(capture_id)
+    def sae_finish(self, key: str) -> dict:
+        """What a finished (or aborted) request left here: its captured rows and its steering report."""
+        runtime = self._sae_runtime()
+        return {"captures": runtime.captures.pop(key), "report": runtime.reports.pop(key)}

@@ -7,6 +7,8 @@ batch rows to requests; the compiled graph calls `apply` at every hook site thro
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +20,11 @@ from sae.steering import FoldedSAE, SteeringTable, steering_delta
 from serve.engine.codec import EncodedEntry, PositionMode, decode
 
 CAPTURE_TTL_S = 600.0
+# Fault injection for tests: the hook op leaves decode-only steps unsteered, as a CUDA graph captured around a
+# Python hook would. The engine's start-up probe must catch it.
+FAULT_SKIP_DECODE_ENV = "SAE_SERVE_FAULT_SKIP_DECODE_STEERING"
+
+logger = logging.getLogger("sae_serve")
 
 
 def site_index(hp: HookPoint) -> int:
@@ -37,8 +44,10 @@ class WorkerSAE:
 class RequestPlan:
     """One request's steering entries grouped by site, and its capture order."""
 
+    key: str
     prompt_len: int
     steer: dict[int, list[EncodedEntry]]  # site -> entries
+    missing: list[int] = field(default_factory=list)  # entries whose SAE is not loaded here
     capture_id: str | None = None
     capture_saes: list[str] = field(default_factory=list)
     capture_top_k: int = 0
@@ -51,15 +60,17 @@ class RequestPlan:
         if request is None:
             return None
         steer: dict[int, list[EncodedEntry]] = {}
+        missing = []
         for entry in request.steer:
             sae = saes.get(entry.sae)
-            if sae is None:  # unloaded after validation: the request runs unsteered for this entry
+            if sae is None:  # unloaded after validation: reported to the caller as sae_not_loaded
+                missing.append(entry.index)
                 continue
             steer.setdefault(sae.site, []).append(entry)
-        plan = cls(prompt_len=prompt_len, steer=steer)
+        plan = cls(key=request.key, prompt_len=prompt_len, steer=steer, missing=missing)
         cap = request.capture
         if cap is not None:
-            plan.capture_id = cap.id
+            plan.capture_id = request.key
             plan.capture_saes = [s for s in cap.saes if s in saes]
             plan.capture_top_k = cap.top_k
             plan.capture_features = cap.features
@@ -127,6 +138,34 @@ class CaptureStore:
             self._touched.pop(cid, None)
 
 
+class ReportStore:
+    """Per request key: token rows each steering entry was planned onto, and the entries whose SAE was missing."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[int, int]] = {}
+        self._missing: dict[str, list[int]] = {}
+        self._touched: dict[str, float] = {}
+
+    def open(self, key: str, missing: list[int]) -> None:
+        self._rows.setdefault(key, {})
+        self._missing[key] = missing
+        self._touched[key] = time.monotonic()
+
+    def add(self, key: str, index: int, rows: int) -> None:
+        counts = self._rows.setdefault(key, {})
+        counts[index] = counts.get(index, 0) + rows
+        self._touched[key] = time.monotonic()
+
+    def pop(self, key: str) -> dict[str, dict | list]:
+        self._touched.pop(key, None)
+        return {"rows": self._rows.pop(key, {}), "missing": self._missing.pop(key, [])}
+
+    def expire(self) -> None:
+        cutoff = time.monotonic() - CAPTURE_TTL_S
+        for key in [k for k, t in self._touched.items() if t < cutoff]:
+            self.pop(key)
+
+
 class SteeringRuntime:
     """The worker's SAE state. One per worker process; reached by the custom op through `ACTIVE`."""
 
@@ -137,8 +176,13 @@ class SteeringRuntime:
         self.runner = None  # the vLLM model runner, attached by the worker extension after start-up
         self.saes: dict[str, WorkerSAE] = {}
         self.captures = CaptureStore()
+        self.reports = ReportStore()
         self._plans: dict[str, RequestPlan | None] = {}
         self._step: dict[int, _SitePlan] | None = None
+        self._decode_only = False  # this step has no prompt rows (read by the fault switch only)
+        self._skip_decode = os.environ.get(FAULT_SKIP_DECODE_ENV) == "1"
+        if self._skip_decode:
+            logger.warning("%s=1: decode steps are left unsteered (fault injection for tests)", FAULT_SKIP_DECODE_ENV)
 
     # --- SAE registry -------------------------------------------------------------------------------
     def load(self, sae_id: str, path: str) -> dict:
@@ -149,9 +193,12 @@ class SteeringRuntime:
                 f"SAE {sae_id!r} ({module.cfg.hook_point}, d_in={module.cfg.d_in}) does not fit a model with "
                 f"{self.n_layers} layers and d_model={self.d_model}"
             )
-        self.saes[sae_id] = WorkerSAE(sae_id, site_index(hp), FoldedSAE.build(module, self.device))
+        folded = FoldedSAE.build(module, self.device)
+        del module  # its tensors live on in `folded` or are freed: the weights are held once
+        self.saes[sae_id] = WorkerSAE(sae_id, site_index(hp), folded)
         self._plans.clear()  # plans resolved SAE ids to sites; rebuild against the new set
-        return {"sae_id": sae_id, "hook_point": module.cfg.hook_point, "d_sae": module.cfg.d_sae}
+        return {"sae_id": sae_id, "hook_point": folded.cfg.hook_point, "d_sae": folded.cfg.d_sae,
+                "bytes": folded.resident_bytes()}
 
     def unload(self, sae_id: str) -> bool:
         self._plans.clear()
@@ -179,19 +226,27 @@ class SteeringRuntime:
         pos = positions[:n].to("cpu", torch.long)  # row bookkeeping stays on the host
         sites: dict[int, _SitePlan] = {}
         steer_rows: dict[tuple[int, str], list] = {}
+        owners: dict[tuple[int, str], list[tuple[str, int]]] = {}  # (request key, entry index) per column
+        decode_only = True
         for i, plan in active:
             start, end = int(qsl[i]), int(qsl[i + 1])
             if start == end:
                 continue
+            decode_only = decode_only and bool((pos[start:end] >= plan.prompt_len).all())
             for site, entries in plan.steer.items():
                 for e in entries:
                     steer_rows.setdefault((site, e.sae), []).append(
                         (start, end, plan.prompt_len, e.feature, int(e.op), e.value, int(e.positions))
                     )
+                    owners.setdefault((site, e.sae), []).append((plan.key, e.index))
             if plan.capture_id is not None:
                 self._plan_capture(sites, plan, start, end, pos)
-        for (site, sae_id), entries in steer_rows.items():
-            sites.setdefault(site, _SitePlan()).steer.append(self._steer_group(self.saes[sae_id], entries, pos, n))
+        for group_key, entries in steer_rows.items():
+            group, rows = self._steer_group(self.saes[group_key[1]], entries, pos, n)
+            sites.setdefault(group_key[0], _SitePlan()).steer.append(group)
+            for (key, index), count in zip(owners[group_key], rows.tolist(), strict=True):
+                self.reports.add(key, index, count)
+        self._decode_only = decode_only
         self._step = sites or None
 
     def _new_plan(self, req_id: str) -> RequestPlan | None:
@@ -200,28 +255,34 @@ class SteeringRuntime:
             return None
         if len(self._plans) >= len(self.runner.requests):
             self._forget_finished()
-        return RequestPlan.from_extra_args(state.sampling_params.extra_args, state.num_prompt_tokens, self.saes)
+        plan = RequestPlan.from_extra_args(state.sampling_params.extra_args, state.num_prompt_tokens, self.saes)
+        if plan is not None and (plan.steer or plan.missing):
+            self.reports.open(plan.key, plan.missing)
+        return plan
 
     def _forget_finished(self) -> None:
         for req_id in [r for r in self._plans if r not in self.runner.requests]:
             del self._plans[req_id]
         self.captures.expire()
+        self.reports.expire()
 
-    def _steer_group(self, sae: WorkerSAE, entries: list, pos: torch.Tensor, n: int) -> _SteerGroup:
+    def _steer_group(self, sae: WorkerSAE, entries: list, pos: torch.Tensor, n: int) -> tuple[_SteerGroup, torch.Tensor]:
+        """The group's table, and per entry the number of rows it applies to in this step (host tensor [E])."""
         start, end, prompt_len, feature, op, value, mode = (torch.tensor(c) for c in zip(*entries))
         rows = torch.arange(n).unsqueeze(1)  # [n, 1]
         in_request = (rows >= start) & (rows < end)  # [n, E]
         generated = pos.unsqueeze(1) >= prompt_len  # [n, E]
         pos_ok = ((mode == PositionMode.ALL) | ((mode == PositionMode.PROMPT) & ~generated)
                   | ((mode == PositionMode.GENERATED) & generated))
-        mask = (in_request & pos_ok).to(device=self.device, dtype=torch.float32)
+        applies = in_request & pos_ok  # [n, E] on the host
+        mask = applies.to(device=self.device, dtype=torch.float32)
         table = SteeringTable(
             feature.to(self.device, torch.long),
             op.to(self.device, torch.long),
             value.to(self.device, torch.float32),
             mask,
         )
-        return _SteerGroup(sae, table)
+        return _SteerGroup(sae, table), applies.sum(dim=0)
 
     def _plan_capture(self, sites: dict[int, _SitePlan], plan: RequestPlan, start: int, end: int, pos: torch.Tensor) -> None:
         rows = torch.arange(start, end)
@@ -254,6 +315,8 @@ class SteeringRuntime:
         if plan is None:
             return
         for group in plan.steer:
+            if self._skip_decode and self._decode_only:
+                break
             x = (hidden + residual) if adds_residual else hidden
             hidden.add_(steering_delta(group.sae.folded, group.table, x.float()).to(hidden.dtype))
         for item in plan.capture:

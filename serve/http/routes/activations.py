@@ -26,4 +26,6 @@ async def activations(req: ActivationsRequest, ctx: IngressContext = Depends(get
     out = await ctx.replica.activations(req)
     ctx.metrics.prompt_tokens.inc(out.usage.prompt_tokens)
     ctx.metrics.generation_tokens.inc(out.usage.completion_tokens)
+    if out.steering_report is not None:
+        ctx.metrics.count_report(out.steering_report)
     return out

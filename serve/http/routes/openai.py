@@ -32,6 +32,7 @@ from serve.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    SteeringReport,
     StreamItem,
     TokenLogprob,
     TopLogprob,
@@ -97,6 +98,7 @@ class _Tracker:
         self.start = time.perf_counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.steering_report: list[SteeringReport] | None = None
         self._first = True
         for sae in sorted({e.sae for e in steering}):
             ctx.metrics.steered.labels(sae).inc()
@@ -111,6 +113,9 @@ class _Tracker:
             self._first = False
         self.completion_tokens += new
         self.ctx.metrics.generation_tokens.inc(new)
+        if item.steering_report is not None:
+            self.steering_report = item.steering_report
+            self.ctx.metrics.count_report(item.steering_report)
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -131,6 +136,8 @@ def _stream_response(stream: GenerationStream, tracker: _Tracker, to_chunks: Cal
             async for item in stream.items():
                 tracker.seen(item)
                 chunks = to_chunks(item)
+                if chunks and item.steering_report is not None:
+                    chunks[-1] = chunks[-1].model_copy(update={"steering_report": item.steering_report})
                 if chunks:
                     yield "".join(_sse(c) for c in chunks)
             if usage_chunk is not None:
@@ -193,6 +200,7 @@ async def _create_completion(ctx: IngressContext, req: CompletionRequest):
         for i in range(req.n)
     ]
     response.usage = tracker.usage()
+    response.steering_report = tracker.steering_report
     return JSONResponse(response.model_dump())
 
 
@@ -234,5 +242,6 @@ async def _create_chat_completion(ctx: IngressContext, req: ChatCompletionReques
                             logprobs=_chat_logprobs(lps[i]) if req.logprobs else None)
                  for i in range(req.n)],
         usage=tracker.usage(),
+        steering_report=tracker.steering_report,
     )
     return JSONResponse(response.model_dump())

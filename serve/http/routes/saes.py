@@ -17,7 +17,7 @@ router = APIRouter(dependencies=[Depends(require_user)])
 async def refresh_loaded_gauge(ctx: IngressContext) -> None:
     """Before a scrape; keeps the last value if the model cannot answer (metrics must work while it is down)."""
     try:
-        ctx.metrics.loaded_saes.set(len(await ctx.replica.saes()))
+        ctx.metrics.served_saes(await ctx.replica.saes())
     except ServeError:
         pass
 
@@ -25,7 +25,7 @@ async def refresh_loaded_gauge(ctx: IngressContext) -> None:
 @router.get("/v1/saes", response_model=SAEList, responses=errors(401, 503))
 async def list_saes(ctx: IngressContext = Depends(get_ctx)) -> SAEList:
     saes = await ctx.replica.saes()
-    ctx.metrics.loaded_saes.set(len(saes))
+    ctx.metrics.served_saes(saes)
     return SAEList(data=saes)
 
 
