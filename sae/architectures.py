@@ -8,14 +8,12 @@ per-latent `threshold [d_sae]` parameter and `needs_k` whether `cfg.k` must be s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .model import SparseAutoencoder
 
-ActivationFn = Callable[[torch.Tensor, "SparseAutoencoder"], torch.Tensor]
+ActivationFn = Callable[[torch.Tensor, Any], torch.Tensor]  # (pre, an SAE with .cfg and .threshold) -> acts
 
 
 class UnknownArchitectureError(ValueError, KeyError):

@@ -8,6 +8,8 @@ Forward pass, in model space x [..., d_in]:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -45,7 +47,7 @@ class SparseAutoencoder(nn.Module):
         dtype = dtype or torch_dtype(cfg.dtype)
         self.cfg = cfg
         self._activate = architectures.get_architecture(cfg.architecture)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, **kw))  # [d_in, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))  # [d_sae]
         self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, **kw))  # [d_sae, d_in]

@@ -60,7 +60,7 @@ def validate_for_model(sae_cfg: SAEConfig | SparseAutoencoder, d_model: int, n_l
         raise ValueError(f"SAE d_in={cfg.d_in} does not match the model's d_model={d_model}")
     if not cfg.hook_point:
         raise ValueError("SAE has no hook point; give one (e.g. load_sae(..., hook_point='blocks.15.resid_post'))")
-    hp = HookPoint.parse(cfg.hook_point)
+    hp = HookPoint.parse(str(cfg.hook_point))
     if hp.layer >= n_layers:
         raise ValueError(f"SAE hook point {cfg.hook_point!r} is out of range: the model has {n_layers} layers "
                          f"(0..{n_layers - 1})")

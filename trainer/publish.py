@@ -2,14 +2,15 @@
 
 Layout:
     <registry>/manifest.json          {"format": "sae-serve-registry/1", "updated_at", "saes": {<sae_id>: entry}}
-    <registry>/<sae_id>/sae.json, sae.safetensors, card.json, feature_stats.json, *.png, metrics.jsonl
-where entry = {"version": int (1, 2, ... per id), "path": "<sae_id>", "sha256": of sae.safetensors,
+    <registry>/<sae_id>/v<N>/sae.json, sae.safetensors, card.json, feature_stats.json, *.png, metrics.jsonl
+where entry = {"version": N (1, 2, ... per id), "path": "<sae_id>/v<N>", "sha256": of sae.safetensors,
 "published_at", "hook_point", "architecture", "d_sae", "model"}.
 
-An SAE folder is copied to a hidden temporary sibling and renamed into place; a previous version is renamed
-aside first and deleted after. The manifest is rewritten through a temporary file and `os.replace`, after the
-folder is in place, so a reader that trusts the manifest only ever sees complete SAEs. Publishers serialise
-on an `flock` of `<registry>/.lock`.
+Each publish gets a folder of its own, so a service that rejects a new version keeps serving the previous one
+from files that did not change under it; the last KEEP_VERSIONS versions of an id are kept. An SAE folder is
+copied to a hidden temporary sibling and renamed into place; the manifest is rewritten through a temporary file
+and `os.replace` after that, so a reader that trusts the manifest only ever sees complete SAEs. Publishers
+serialise on an `flock` of `<registry>/.lock`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sae import load_sae
 MANIFEST = "manifest.json"
 FORMAT = "sae-serve-registry/1"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+KEEP_VERSIONS = 3  # a rejected publish or two must leave the version replicas still serve in place
 
 
 def read_manifest(registry: str | Path) -> dict[str, Any]:
@@ -83,17 +85,17 @@ def publish(folder: str | Path, registry: str | Path, sae_id: str) -> dict[str, 
         manifest = read_manifest(registry)
         version = manifest["saes"].get(sae_id, {}).get("version", 0) + 1
         tag = uuid.uuid4().hex[:12]
-        staging = registry / f".{sae_id}.tmp-{tag}"
+        home = registry / sae_id
+        home.mkdir(exist_ok=True)
+        staging = home / f".v{version}.tmp-{tag}"
         shutil.copytree(folder, staging)
-        target = registry / sae_id
-        old = registry / f".{sae_id}.old-{tag}"
-        if target.exists():
-            os.rename(target, old)
+        target = home / f"v{version}"
+        if target.exists():  # left by a publish whose manifest write never happened
+            shutil.rmtree(target)
         os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
         entry = {
             "version": version,
-            "path": sae_id,
+            "path": f"{sae_id}/v{version}",
             "sha256": _sha256(target / "sae.safetensors"),
             "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "hook_point": sae.cfg.hook_point,
@@ -104,4 +106,8 @@ def publish(folder: str | Path, registry: str | Path, sae_id: str) -> dict[str, 
         manifest["saes"][sae_id] = entry
         manifest["updated_at"] = entry["published_at"]
         _write_json_atomic(registry / MANIFEST, manifest)
+        for old in home.iterdir():
+            if old.is_dir() and old.name.startswith("v") and old.name[1:].isdigit() \
+                    and int(old.name[1:]) <= version - KEEP_VERSIONS:
+                shutil.rmtree(old, ignore_errors=True)
     return entry

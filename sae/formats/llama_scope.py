@@ -136,6 +136,6 @@ def _input_scale(hp: dict[str, Any], file_norms: dict[str, float], hook: Any, d_
     norm_out = norms.get("out", norm_in)
     if not isinstance(norm_in, (int, float)) or not norm_in > 0:
         raise ValueError("Llama Scope norm_activation='dataset-wise' needs a positive dataset_average_activation_norm.in")
-    if not math.isclose(norm_in, norm_out, rel_tol=1e-6):
+    if not isinstance(norm_out, (int, float)) or not math.isclose(norm_in, norm_out, rel_tol=1e-6):
         raise unsupported(NAME, f"different input and output norms ({norm_in} vs {norm_out})")
     return math.sqrt(d_model) / float(norm_in)

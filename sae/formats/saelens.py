@@ -42,7 +42,7 @@ def detect(folder: Path) -> bool:
 
 def read(folder: Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     raw = read_json(folder / CONFIG_FILE)
-    meta_in = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta_in: dict[str, Any] = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
 
     def get(key: str, *legacy: str) -> Any:
         for k in (key, *legacy):

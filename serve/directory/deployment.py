@@ -38,6 +38,11 @@ class SAEDirectory:
         self._claims[sae_id] = publish_version
         return True
 
+    def release(self, sae_id: str, publish_version: int) -> None:
+        """Give back a claim whose load neither succeeded nor was rejected, so that another replica may take it."""
+        if self._claims.get(sae_id) == publish_version:
+            self._claims[sae_id] = publish_version - 1
+
     def reject(self, sae_id: str, error: str) -> None:
         self._errors[sae_id] = error
 

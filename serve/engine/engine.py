@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from serve.engine.config import EngineConfig
 from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable
 from serve.specs import (
     CaptureSpec,
+    ReportStatus,
     SAEMeta,
     SteeringEntry,
     SteeringReport,
@@ -130,7 +131,7 @@ class SAEEngine:
         os.environ["VLLM_USE_AOT_COMPILE"] = "1" if config.aot_compile else "0"
         args = AsyncEngineArgs(
             model=str(model_dir),
-            dtype=config.dtype,
+            dtype=config.dtype,  # type: ignore[arg-type]  # validated by vLLM
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
@@ -160,8 +161,8 @@ class SAEEngine:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def running(cls, config: EngineConfig) -> AsyncIterator["SAEEngine"]:
-        """`async with SAEEngine.running(config) as engine:` — the engine is shut down on every way out."""
+    async def started(cls, config: EngineConfig) -> AsyncIterator["SAEEngine"]:
+        """`async with SAEEngine.started(config) as engine:` — the engine is shut down on every way out."""
         engine = await cls.start(config)
         try:
             yield engine
@@ -261,7 +262,7 @@ class SAEEngine:
         self,
         prompt: str | list[int],
         sampling: Sampling,
-        steering: list[SteeringEntry] = (),
+        steering: Sequence[SteeringEntry] = (),
         capture: CaptureSpec | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[GenerationUpdate]:
@@ -330,7 +331,7 @@ class SAEEngine:
         self,
         prompt: str | list[int],
         capture: CaptureSpec,
-        steering: list[SteeringEntry] = (),
+        steering: Sequence[SteeringEntry] = (),
         sampling: Sampling | None = None,
     ) -> ActivationsResult:
         """Per-token features of the prompt (and of generated tokens when `sampling` asks for a continuation)."""
@@ -411,6 +412,7 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
     rows: dict[int, int] = worker["rows"]
     missing = set(worker["missing"])
     out = []
+    status: ReportStatus
     for i, e in enumerate(steering):
         steered = int(rows.get(i, 0))
         if i in missing:

@@ -28,6 +28,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -196,7 +197,7 @@ def _stream_to_stderr(cmd: list[str]) -> tuple[int, str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = b""
     assert proc.stdout is not None
-    while chunk := proc.stdout.read1(4096):
+    while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]  # a BufferedReader
         tail = (tail + chunk)[-4000:]
         try:
             sys.stderr.write(chunk.decode(errors="replace"))
@@ -275,20 +276,20 @@ def smoke_test(folder: Path, threads: int = 2, max_new_tokens: int = 24) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     messages = [{"role": "user", "content": SMOKE_PROMPT}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids: Any = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            out = model.generate(
+            out: Any = model.generate(
                 **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
             )
     finally:
         torch.set_num_threads(old)
-    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return str(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 def convert_gguf(gguf: Path, out: Path, threads: int = 2, log: _Progress | None = None) -> None:

@@ -8,6 +8,7 @@ A folder that fails to load is rejected in the directory while the rest keeps se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,7 +82,12 @@ class SAESet:
                         continue
                     handled[sae_id] = entry.version
                     if await self._directory.claim.remote(sae_id, entry.version):
-                        await self._load_published(sae_id, entry.folder, entry.version)
+                        try:
+                            await self._load_published(sae_id, entry.folder, entry.version)
+                        except BaseException:
+                            # Neither loaded nor rejected (e.g. the engine died): a replacement may claim it again.
+                            await self._directory.release.remote(sae_id, entry.version)
+                            raise
             except Exception as e:  # keep watching; a dead engine is reported by check_health
                 logger.warning("SAE registry watch failed: %s", e)
             await asyncio.sleep(poll_interval_s)
@@ -125,7 +131,15 @@ class SAESet:
                 raise
             except Exception as e:
                 raise InvalidRequest(f"path: cannot load an SAE from {path!r}: {e}", "path", "invalid_sae") from None
-            version = await self._directory.put.remote(sae_id, str(folder))
+            try:
+                version = await self._directory.put.remote(sae_id, str(folder))
+            except BaseException:
+                # Not recorded in the directory, so no other replica will serve it: neither does this one. The
+                # next sync loads what the directory says for this id.
+                self.loaded.pop(sae_id, None)
+                with contextlib.suppress(Exception):
+                    await self._engine.unload_sae(sae_id)
+                raise
             self.loaded[sae_id] = (str(folder), version)
         return meta, version
 

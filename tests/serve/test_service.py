@@ -99,6 +99,27 @@ def test_steering_changes_greedy_output_and_zero_spec_does_not(service):
     assert greedy_completion(client, service.model) == plain
 
 
+def test_steering_report_in_the_body_and_the_last_stream_chunk(service):
+    client = service.openai()
+    steering = [{"sae": "toy", "feature": top_feature(service), "value": 5.0, "positions": "generated"}]
+    r = client.completions.create(model=service.model, prompt="A report, please:", max_tokens=4, temperature=0,
+                                  extra_body={"steering": steering})
+    report = r.model_extra["steering_report"]  # the real SDK keeps fields it does not know
+    generated = r.usage.completion_tokens
+    assert report == [{"index": 0, "sae": "toy", "feature": steering[0]["feature"],
+                       "steered_tokens": generated - 1, "status": "applied" if generated > 1 else "no_tokens"}]
+    chunks = list(client.chat.completions.create(model=service.model, messages=QUESTION, max_tokens=6,
+                                                 temperature=0, stream=True, extra_body={"steering": steering}))
+    carrying = [i for i, c in enumerate(chunks) if (c.model_extra or {}).get("steering_report") is not None]
+    assert carrying == [len(chunks) - 1]
+    assert chunks[-1].model_extra["steering_report"][0]["steered_tokens"] > 0
+    plain = client.completions.create(model=service.model, prompt="No report:", max_tokens=2, temperature=0)
+    assert "steering_report" not in (plain.model_extra or {})
+    with service.http(key=None) as http:
+        text = http.get("/metrics").text
+    assert 'sae_serve:steered_tokens_total{sae="toy"}' in text
+
+
 # --- errors and auth -------------------------------------------------------------------------------------------------
 
 

@@ -26,9 +26,23 @@ def test_publish_versions_and_replaces_atomically(tmp_path):
     assert (first["version"], second["version"]) == (1, 2)
     assert set(manifest["saes"]) == {"demo", "other"}
     assert manifest["saes"]["demo"]["sha256"] == second["sha256"] != first["sha256"]
-    assert float(load_sae(registry / "demo").W_enc[0, 0]) == 0.25
-    assert json.loads((registry / "demo" / "card.json").read_text()) == {"fill": 0.25}
-    assert sorted(p.name for p in registry.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
+    assert (first["path"], second["path"]) == ("demo/v1", "demo/v2")
+    assert float(load_sae(registry / second["path"]).W_enc[0, 0]) == 0.25
+    assert json.loads((registry / second["path"] / "card.json").read_text()) == {"fill": 0.25}
+    # The version a service may still serve (v1, if it rejected v2) keeps its files.
+    assert float(load_sae(registry / first["path"]).W_enc[0, 0]) == 0.5
+    hidden = [p for p in registry.rglob(".*") if p.name != ".lock"]
+    assert hidden == []
+
+
+def test_only_the_last_versions_are_kept(tmp_path):
+    from trainer.publish import KEEP_VERSIONS
+
+    registry = tmp_path / "registry"
+    for i in range(KEEP_VERSIONS + 2):
+        publish(sae_folder(tmp_path / f"s{i}", 0.1 * (i + 1)), registry, "demo")
+    kept = sorted(p.name for p in (registry / "demo").iterdir())
+    assert kept == [f"v{v}" for v in range(3, KEEP_VERSIONS + 3)]
 
 
 def test_a_bad_sae_is_rejected_before_the_registry_changes(tmp_path):
@@ -42,4 +56,4 @@ def test_a_bad_sae_is_rejected_before_the_registry_changes(tmp_path):
     with pytest.raises(ValueError):
         publish(sae_folder(tmp_path / "x", 0.5), registry, "../escape")
     assert read_manifest(registry)["saes"]["demo"]["version"] == 1
-    assert float(load_sae(registry / "demo").W_enc[0, 0]) == 0.5
+    assert float(load_sae(registry / "demo" / "v1").W_enc[0, 0]) == 0.5

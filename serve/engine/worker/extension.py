@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from serve.engine.worker.runtime import SteeringRuntime
 
 
 class SAEWorkerExtension:
+    model_runner: Any  # set by the vLLM worker this class is mixed into
+
     def _sae_runtime(self) -> SteeringRuntime:
         runtime: SteeringRuntime = self.model_runner.get_model().sae_runtime
         if runtime.runner is None:

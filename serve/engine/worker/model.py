@@ -54,7 +54,8 @@ class SAELlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SAELlamaDecoderLayer)
         cfg = vllm_config.model_config.hf_config
-        self.sae_runtime = SteeringRuntime(cfg.hidden_size, cfg.num_hidden_layers, vllm_config.device_config.device)
+        device = torch.device(vllm_config.device_config.device or "cpu")
+        self.sae_runtime = SteeringRuntime(cfg.hidden_size, cfg.num_hidden_layers, device)
         steering_runtime.ACTIVE = self.sae_runtime
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):

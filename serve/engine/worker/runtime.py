@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -173,7 +174,7 @@ class SteeringRuntime:
         self.d_model = d_model
         self.n_layers = n_layers
         self.device = device
-        self.runner = None  # the vLLM model runner, attached by the worker extension after start-up
+        self.runner: Any = None  # the vLLM model runner, attached by the worker extension after start-up
         self.saes: dict[str, WorkerSAE] = {}
         self.captures = CaptureStore()
         self.reports = ReportStore()
@@ -285,6 +286,7 @@ class SteeringRuntime:
         return _SteerGroup(sae, table), applies.sum(dim=0)
 
     def _plan_capture(self, sites: dict[int, _SitePlan], plan: RequestPlan, start: int, end: int, pos: torch.Tensor) -> None:
+        assert plan.capture_id is not None
         rows = torch.arange(start, end)
         if not plan.capture_generated:
             rows = rows[pos[start:end] < plan.prompt_len]
