@@ -23,8 +23,13 @@ $(VENV)/.installed: pyproject.toml
 model: setup
 	$(VENV)/bin/sae-serve model prepare
 
+# Lint, format and type checks, then the fast tier (no engine, no cluster), then everything else on the real engine.
 test: model
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m fast
+	$(PY) -m pytest -q -m "not fast"
 
 up: model
 	$(VENV)/bin/sae-serve up

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve.engine.engine import SAEEngine, Sampling
+from benchmarks.exits import exit_on_sigterm
 from serve.engine.config import EngineConfig
+from serve.engine.engine import SAEEngine, Sampling
 from serve.specs import CaptureSpec, SteeringEntry
 
 N_REQUESTS = 32
@@ -70,8 +71,8 @@ async def main(args: argparse.Namespace) -> dict:
         sae_dir = Path(args.sae) if args.sae else _random_sae(Path(tmp) / "bench-topk-8x")
         t0 = time.perf_counter()
         engine = await SAEEngine.start(EngineConfig(enforce_eager=args.eager, saes={"bench": str(sae_dir)}))
-        startup = time.perf_counter() - t0
-        try:
+        try:  # the engine is shut down on every way out (exceptions, Ctrl-C, SIGTERM: see benchmarks/exits.py)
+            startup = time.perf_counter() - t0
             d_sae = engine.saes()[0].d_sae
             features = [(97 * i) % d_sae for i in range(N_REQUESTS)]
             conditions = {
@@ -91,7 +92,10 @@ async def main(args: argparse.Namespace) -> dict:
         finally:
             engine.shutdown()
     mode = "eager" if args.eager else "compiled"
-    print(f"\nmode {mode}, start-up {startup:.1f} s, {N_REQUESTS} requests x {NEW_TOKENS} tokens, median of {args.repeats}")
+    print(
+        f"\nmode {mode}, start-up {startup:.1f} s, {N_REQUESTS} requests x {NEW_TOKENS} tokens, "
+        f"median of {args.repeats}"
+    )
     for name in conditions:
         print(f"{name:9s} {med[name]:7.1f} tok/s  ratio {med[name] / med['unsteered']:.3f}")
     print(f"prefill 128 tokens: plain {plain * 1000:.1f} ms, with capture {captured * 1000:.1f} ms")
@@ -105,6 +109,7 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per condition")

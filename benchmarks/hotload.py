@@ -35,8 +35,14 @@ class Tally:
 
 
 async def stream_forever(client, i: int, stop: asyncio.Event, tally: Tally) -> None:
-    body = {"model": MODEL, "prompt": f"Client {i} tells a long story about the sea:", "max_tokens": 64,
-            "temperature": 0.8, "seed": i, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": f"Client {i} tells a long story about the sea:",
+        "max_tokens": 64,
+        "temperature": 0.8,
+        "seed": i,
+        "stream": True,
+    }
     while not stop.is_set():
         try:
             async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -50,8 +56,13 @@ async def stream_forever(client, i: int, stop: asyncio.Event, tally: Tally) -> N
 
 
 async def first_steered_response(client, sae_id: str, tally: Tally) -> None:
-    body = {"model": MODEL, "prompt": "My favourite thing is", "max_tokens": 1, "temperature": 0,
-            "steering": [{"sae": sae_id, "feature": FEATURE, "value": 8.0}]}
+    body = {
+        "model": MODEL,
+        "prompt": "My favourite thing is",
+        "max_tokens": 1,
+        "temperature": 0,
+        "steering": [{"sae": sae_id, "feature": FEATURE, "value": 8.0}],
+    }
     while True:
         r = await client.post("/v1/completions", json=body)
         if r.status_code == 200:
@@ -80,16 +91,24 @@ async def measure(base_url: str, registry: Path, rounds: int, clients: int) -> d
             await asyncio.to_thread(publish, DEMO_SAE, registry, sae_id)
             await first_steered_response(client, sae_id, tally)
             times.append(time.perf_counter() - start)
-            print(f"round {n}: publish -> first steered response {times[-1]:.2f} s "
-                  f"(streams completed so far {tally.completed}, failed {len(tally.failed)})", flush=True)
+            print(
+                f"round {n}: publish -> first steered response {times[-1]:.2f} s "
+                f"(streams completed so far {tally.completed}, failed {len(tally.failed)})",
+                flush=True,
+            )
             await asyncio.sleep(1)
         stop.set()
         await asyncio.gather(*streams)
     for failure in tally.failed[:10]:
         print("failed:", failure)
-    return {"publish_to_first_response_s": round(max(times), 3), "median_s": round(statistics.median(times), 3),
-            "rounds": rounds, "clients": clients, "failed_requests": len(tally.failed),
-            "streams_completed": tally.completed}
+    return {
+        "publish_to_first_response_s": round(max(times), 3),
+        "median_s": round(statistics.median(times), 3),
+        "rounds": rounds,
+        "clients": clients,
+        "failed_requests": len(tally.failed),
+        "streams_completed": tally.completed,
+    }
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -109,6 +128,9 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from benchmarks.exits import exit_on_sigterm
+
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="publishes to time")
     parser.add_argument("--clients", type=int, default=16, help="clients streaming throughout")

@@ -34,8 +34,11 @@ def workload(d_sae: int) -> list[tuple[str, list[dict]]]:
     """(prompt, steering entries as JSON) per request: even ones plain, odd ones steered."""
     out = []
     for i, prompt in enumerate(PROMPTS):
-        spec = [] if i % 2 == 0 else [{"sae": "bench", "feature": (97 * i) % d_sae, "value": 4.0,
-                                       "op": OPS[(i // 2) % len(OPS)]}]
+        spec = (
+            []
+            if i % 2 == 0
+            else [{"sae": "bench", "feature": (97 * i) % d_sae, "value": 4.0, "op": OPS[(i // 2) % len(OPS)]}]
+        )
         out.append((prompt, spec))
     return out
 
@@ -48,8 +51,8 @@ def engine_config(eager: bool) -> dict:
 
 
 async def start_engine(cfg: dict, sae_dir: Path):
-    from serve.engine.engine import SAEEngine
     from serve.engine.config import EngineConfig
+    from serve.engine.engine import SAEEngine
 
     return await SAEEngine.start(EngineConfig(**{**cfg, "saes": {"bench": str(sae_dir)}}))
 
@@ -75,8 +78,15 @@ async def http_once(base_url: str, model: str, work) -> float:
     import httpx
 
     async def one(client, prompt, spec) -> int:
-        body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "steering": spec}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "steering": spec,
+        }
         tokens = 0
         async with client.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
@@ -97,16 +107,15 @@ async def http_once(base_url: str, model: str, work) -> float:
 async def compare(cfg: dict, sae_dir: Path, base_url: str, work, repeats: int) -> tuple[float, float]:
     """Median tokens/s of the raw engine and of HTTP, runs alternating so that a busy neighbour slows both alike."""
     engine = await start_engine(cfg, sae_dir)
-    model = "SmolLM2-135M-Instruct"
-    try:
+    try:  # the engine is shut down on every way out (exceptions, Ctrl-C, SIGTERM: see benchmarks/exits.py)
+        model = "SmolLM2-135M-Instruct"
         await engine_once(engine, work)  # warm-up of both
         await http_once(base_url, model, work)
         runs: dict[str, list[float]] = {"engine": [], "http": []}
         for r in range(repeats):
             runs["engine"].append(await engine_once(engine, work))
             runs["http"].append(await http_once(base_url, model, work))
-            print(f"repeat {r}: engine {runs['engine'][-1]:7.1f} tok/s, http {runs['http'][-1]:7.1f} tok/s",
-                  flush=True)
+            print(f"repeat {r}: engine {runs['engine'][-1]:7.1f} tok/s, http {runs['http'][-1]:7.1f} tok/s", flush=True)
     finally:
         engine.shutdown()
     return statistics.median(runs["engine"]), statistics.median(runs["http"])
@@ -117,8 +126,9 @@ def serve_and_compare(cfg: dict, registry: Path, work, repeats: int, proxy: bool
     from serve.config import ServiceConfig
     from serve.launch.local_cluster import free_port, running_service
 
-    config = ServiceConfig.model_validate({"engine": cfg, "sae_registry": str(registry), "port": free_port(),
-                                           "direct_ingress": not proxy})
+    config = ServiceConfig.model_validate(
+        {"engine": cfg, "sae_registry": str(registry), "port": free_port(), "direct_ingress": not proxy}
+    )
     with running_service(config) as base_url:
         return asyncio.run(compare(cfg, registry / "bench", base_url, work, repeats))
 
@@ -148,8 +158,11 @@ def naive_run(sae_dir: Path, work, n: int, threads: int) -> float:
             out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id)
         elapsed += time.perf_counter() - t
         tokens += out.shape[1] - ids.shape[1]
-        print(f"naive  request {len(spec) and spec[0]['op'] or 'plain':6s}: {out.shape[1] - ids.shape[1]} tokens, "
-              f"{tokens / elapsed:6.1f} tok/s so far", flush=True)
+        print(
+            f"naive  request {len(spec) and spec[0]['op'] or 'plain':6s}: {out.shape[1] - ids.shape[1]} tokens, "
+            f"{tokens / elapsed:6.1f} tok/s so far",
+            flush=True,
+        )
     return tokens / elapsed
 
 
@@ -165,11 +178,16 @@ def main(args: argparse.Namespace) -> dict:
         naive_tps = naive_run(registry / "bench", work, args.naive_requests, args.naive_threads)
     mode = "eager" if args.eager else "compiled"
     ingress = "proxy" if args.proxy else "direct"
-    print(f"\nmode {mode}, ingress {ingress}; {N_REQUESTS} requests x {NEW_TOKENS} greedy tokens, half steered; median of {args.repeats}")
+    print(
+        f"\nmode {mode}, ingress {ingress}; {N_REQUESTS} requests x {NEW_TOKENS} greedy tokens, half steered; "
+        f"median of {args.repeats}"
+    )
     print(f"engine {engine_tps:7.1f} tok/s")
     print(f"http   {http_tps:7.1f} tok/s")
-    print(f"naive  {naive_tps:7.1f} tok/s ({args.naive_requests} requests, one at a time, "
-          f"{args.naive_threads} torch thread(s))")
+    print(
+        f"naive  {naive_tps:7.1f} tok/s ({args.naive_requests} requests, one at a time, "
+        f"{args.naive_threads} torch thread(s))"
+    )
     return {
         "http_vs_engine": round(http_tps / engine_tps, 3),
         "vs_naive": round(http_tps / naive_tps, 2),
@@ -182,10 +200,16 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from benchmarks.exits import exit_on_sigterm
+
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: the deploy config's mode)")
-    parser.add_argument("--proxy", action="store_true",
-                        help="Ray's proxy in front of the ingress (direct_ingress: false), as under serve run and KubeRay")
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="Ray's proxy in front of the ingress (direct_ingress: false), as under serve run and KubeRay",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the workload per side (median)")
     parser.add_argument("--naive-requests", type=int, default=4, help="requests timed on the naive server")
     parser.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive server")

@@ -151,8 +151,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     train, held_out, cfg = load_activations(args.config, args.train_acts, args.eval_acts)
-    print(f"activations: train {tuple(train.shape)}, held-out {tuple(held_out.shape)} "
-          f"at {cfg.sae.hook_point} ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"activations: train {tuple(train.shape)}, held-out {tuple(held_out.shape)} "
+        f"at {cfg.sae.hook_point} ({time.perf_counter() - t0:.1f}s)"
+    )
     cfg.optim.steps, cfg.optim.warmup_steps = args.steps, max(1, args.steps // 20)
     cfg.optim.dead_after_tokens = min(cfg.optim.dead_after_tokens, args.steps * args.batch // 4)
     lr = cfg.optim.lr or default_lr(cfg.sae.expansion_factor * train.shape[1])
@@ -179,15 +181,22 @@ def main() -> None:
     held = {name: fvu(held_out, runner.reconstruct(held_out)) for name, runner in runners.items()}
     for name in runners:
         print(f"{name:9s} {throughput[name]:9.0f} activations/s   held-out FVU {held[name]:.4f}")
-    print(json.dumps({
-        "throughput_vs_sparsify": throughput["ours"] / throughput["sparsify"],
-        "fvu": held["ours"],
-        "fvu_sparsify": held["sparsify"],
-        "activations_per_s": throughput["ours"],
-        "activations_per_s_sparsify": throughput["sparsify"],
-        "steps": args.steps, "batch": args.batch, "d_sae": runners["ours"].sae.cfg.d_sae, "k": cfg.sae.k,
-        "threads": args.threads,
-    }))
+    print(
+        json.dumps(
+            {
+                "throughput_vs_sparsify": throughput["ours"] / throughput["sparsify"],
+                "fvu": held["ours"],
+                "fvu_sparsify": held["sparsify"],
+                "activations_per_s": throughput["ours"],
+                "activations_per_s_sparsify": throughput["sparsify"],
+                "steps": args.steps,
+                "batch": args.batch,
+                "d_sae": runners["ours"].sae.cfg.d_sae,
+                "k": cfg.sae.k,
+                "threads": args.threads,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

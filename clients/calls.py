@@ -25,8 +25,11 @@ class Route:
     @property
     def needs_model(self) -> bool:
         """Whether the body must name the served model (the client looks it up when the caller did not)."""
-        return self.request is not None and "model" in self.request.model_fields and \
-            self.request.model_fields["model"].is_required()
+        return (
+            self.request is not None
+            and "model" in self.request.model_fields
+            and self.request.model_fields["model"].is_required()
+        )
 
 
 ROUTES: dict[str, Route] = {
@@ -59,8 +62,14 @@ class Call:
     query: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, name: str, *, path: dict[str, Any] | None = None, body: dict[str, Any] | None = None,
-           query: dict[str, Any] | None = None) -> "Call":
+    def of(
+        cls,
+        name: str,
+        *,
+        path: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> Call:
         call = cls(ROUTES[name], path or {}, body, query)
         call.json(None)  # a bad body fails here, before the model lookup or any request
         return call

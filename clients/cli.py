@@ -54,8 +54,12 @@ def _client(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace, chat: bool) -> int:
-    options = {"steering": args.steer or (), "max_tokens": args.max_tokens, "temperature": args.temperature,
-               "seed": args.seed}
+    options = {
+        "steering": args.steer or (),
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
     if chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         what = system + [{"role": "user", "content": args.text}]
@@ -65,8 +69,7 @@ def _generate(args: argparse.Namespace, chat: bool) -> int:
         if args.stream:
             stream = client.chat_stream if chat else client.complete_stream
             for chunk in stream(what, **options):
-                print(chunk.model_dump_json() if args.json else chunk.text, end="\n" if args.json else "",
-                      flush=True)
+                print(chunk.model_dump_json() if args.json else chunk.text, end="\n" if args.json else "", flush=True)
             if not args.json:
                 print()
             return 0
@@ -91,8 +94,14 @@ def _cmd_activations(args: argparse.Namespace) -> int:
 
     features = {sae: args.feature for sae in args.sae} if args.feature else None
     with _client(args) as client:
-        result = client.activations(args.text, saes=args.sae, top_k=args.top_k, features=features,
-                                    max_tokens=args.max_tokens, steering=args.steer or ())
+        result = client.activations(
+            args.text,
+            saes=args.sae,
+            top_k=args.top_k,
+            features=features,
+            max_tokens=args.max_tokens,
+            steering=args.steer or (),
+        )
     print(result.model_dump_json() if args.json else activations_table(result))
     return 0
 
@@ -126,15 +135,24 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     from .loadtest import LoadTestRun, read_stats, run_loadtest, summary
 
     env = dict(os.environ)
-    for flag, name in ((args.scenario, "SCENARIO"), (args.weights, "WEIGHTS"), (args.max_tokens, "MAX_TOKENS"),
-                       (args.sae, "SAE")):
+    for flag, name in (
+        (args.scenario, "SCENARIO"),
+        (args.weights, "WEIGHTS"),
+        (args.max_tokens, "MAX_TOKENS"),
+        (args.sae, "SAE"),
+    ):
         if flag is not None:
             env[f"SAE_SERVE_LOAD_{name}"] = str(flag)
     if args.api_key:
         env[KEY_ENV] = args.api_key
-    run = LoadTestRun(host=(args.url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/"), out=args.out,
-                      users=args.users, spawn_rate=args.spawn_rate or max(1.0, args.users / 4),
-                      duration=args.duration, load=LoadConfig.from_env(env))
+    run = LoadTestRun(
+        host=(args.url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/"),
+        out=args.out,
+        users=args.users,
+        spawn_rate=args.spawn_rate or max(1.0, args.users / 4),
+        duration=args.duration,
+        load=LoadConfig.from_env(env),
+    )
     code = run_loadtest(run)
     print(summary(read_stats(run.out)))
     print(f"CSV: {run.out}/locust_stats.csv  HTML: {run.out}/report.html")
@@ -143,7 +161,9 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None, help="service base URL (default: $SAE_SERVE_URL or http://127.0.0.1:8000)")
+    common.add_argument(
+        "--url", default=None, help="service base URL (default: $SAE_SERVE_URL or http://127.0.0.1:8000)"
+    )
     common.add_argument("--api-key", default=None, help="API key (default: $SAE_SERVE_API_KEY); never printed")
     common.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     return common
@@ -151,8 +171,13 @@ def _connection_options() -> argparse.ArgumentParser:
 
 def _generation_options() -> argparse.ArgumentParser:
     gen = argparse.ArgumentParser(add_help=False)
-    gen.add_argument("--steer", type=_steer, action="append", metavar="SAE:FEATURE[@OP][@POSITIONS]=VALUE",
-                     help="steer a feature (repeatable); OP add|clamp|mul|h_bias, POSITIONS all|prompt|generated")
+    gen.add_argument(
+        "--steer",
+        type=_steer,
+        action="append",
+        metavar="SAE:FEATURE[@OP][@POSITIONS]=VALUE",
+        help="steer a feature (repeatable); OP add|clamp|mul|h_bias, POSITIONS all|prompt|generated",
+    )
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
@@ -175,16 +200,25 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     complete.add_argument("text", help="the prompt")
     complete.set_defaults(func=_cmd_complete)
 
-    acts = subparsers.add_parser("activations", parents=[common], help="per-token SAE feature activations of a text",
-                                 description="Print a table: one row per token, its top features (FEATURE=VALUE) "
-                                             "at each SAE, and the values of --feature indices.")
+    acts = subparsers.add_parser(
+        "activations",
+        parents=[common],
+        help="per-token SAE feature activations of a text",
+        description="Print a table: one row per token, its top features (FEATURE=VALUE) "
+        "at each SAE, and the values of --feature indices.",
+    )
     acts.add_argument("text", help="the text to read")
     acts.add_argument("--sae", action="append", required=True, help="SAE id (repeatable)")
     acts.add_argument("--top-k", type=int, default=5, help="top features per token and SAE (default 5)")
     acts.add_argument("--feature", type=int, action="append", help="also show this feature's value (repeatable)")
     acts.add_argument("--max-tokens", type=int, default=None, help="continue the text and read the new tokens too")
-    acts.add_argument("--steer", type=_steer, action="append", metavar="SAE:FEATURE[@OP][@POSITIONS]=VALUE",
-                      help="steer while reading (repeatable)")
+    acts.add_argument(
+        "--steer",
+        type=_steer,
+        action="append",
+        metavar="SAE:FEATURE[@OP][@POSITIONS]=VALUE",
+        help="steer while reading (repeatable)",
+    )
     acts.add_argument("--json", action="store_true", help="print the response as JSON")
     acts.set_defaults(func=_cmd_activations)
 
@@ -192,23 +226,32 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     saes.add_argument("--json", action="store_true", help="print the response as JSON")
     saes.set_defaults(func=_cmd_saes)
 
-    features = subparsers.add_parser("features", parents=[common], help="a feature's card: logit lens, density, "
-                                                                        "top contexts")
+    features = subparsers.add_parser(
+        "features", parents=[common], help="a feature's card: logit lens, density, top contexts"
+    )
     features.add_argument("sae", help="SAE id")
     features.add_argument("index", type=int, help="feature index")
     features.add_argument("--top-n", type=int, default=None, help="tokens per side of the logit lens (default 10)")
     features.add_argument("--json", action="store_true", help="print the response as JSON")
     features.set_defaults(func=_cmd_features)
 
-    load = subparsers.add_parser("loadtest", parents=[common], help="run the locust scenarios headless for a while",
-                                 description="Run clients/locustfile.py headless against the service and write "
-                                             "OUT/locust_stats.csv (+ history, failures) and OUT/report.html; exit "
-                                             "code 1 if any request failed.")
+    load = subparsers.add_parser(
+        "loadtest",
+        parents=[common],
+        help="run the locust scenarios headless for a while",
+        description="Run clients/locustfile.py headless against the service and write "
+        "OUT/locust_stats.csv (+ history, failures) and OUT/report.html; exit "
+        "code 1 if any request failed.",
+    )
     load.add_argument("--users", type=int, default=32, help="concurrent users (default 32)")
     load.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default users/4)")
     load.add_argument("--duration", default="3m", help="run time, e.g. 20s, 3m (default 3m)")
-    load.add_argument("--scenario", choices=("chat", "steered", "activations", "mixed"), default=None,
-                      help="what to send (default: $SAE_SERVE_LOAD_SCENARIO or mixed)")
+    load.add_argument(
+        "--scenario",
+        choices=("chat", "steered", "activations", "mixed"),
+        default=None,
+        help="what to send (default: $SAE_SERVE_LOAD_SCENARIO or mixed)",
+    )
     load.add_argument("--weights", default=None, help="mix of `mixed`, e.g. chat=2,steered=2,activations=1")
     load.add_argument("--max-tokens", type=int, default=None, help="tokens per chat request (default 16)")
     load.add_argument("--sae", default=None, help="SAE to steer and read (default: the first loaded)")

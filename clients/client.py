@@ -72,8 +72,15 @@ class _Attempts:
 class _Endpoints:
     """The endpoint methods; subclasses provide `_run` (one JSON call) and `_stream` (SSE events)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, model: str | None = None,
-                 timeout_s: float = 120.0, retry: RetryPolicy | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout_s: float = 120.0,
+        retry: RetryPolicy | None = None,
+    ):
         """base_url / api_key default to $SAE_SERVE_URL (else http://127.0.0.1:8000) / $SAE_SERVE_API_KEY;
         `model` is looked up from /v1/models on first use when not given."""
         self.base_url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
@@ -103,37 +110,87 @@ class _Endpoints:
         """GET /health -> HealthResponse (raises ServiceUnavailableError once retries are spent)."""
         return self._run(Call.of("health"))
 
-    def chat(self, messages: Messages, *, steering: Steering = (), max_tokens: int | None = None,
-             temperature: float | None = None, model: str | None = None, **options: Any):
+    def chat(
+        self,
+        messages: Messages,
+        *,
+        steering: Steering = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        model: str | None = None,
+        **options: Any,
+    ):
         """POST /v1/chat/completions -> ChatCompletion. `messages` is a user turn's text or a list of messages;
         `steering` entries may be SteeringEntry, dicts or 'SAE:FEATURE[@OP]=VALUE' strings; `options` are other
         fields of ChatRequest (top_p, seed, stop, n, logprobs, ...)."""
         return self._run(self._chat_call(messages, steering, max_tokens, temperature, model, options))
 
-    def chat_stream(self, messages: Messages, *, steering: Steering = (), max_tokens: int | None = None,
-                    temperature: float | None = None, model: str | None = None, **options: Any):
+    def chat_stream(
+        self,
+        messages: Messages,
+        *,
+        steering: Steering = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        model: str | None = None,
+        **options: Any,
+    ):
         """As `chat`, streamed: an iterator of ChatCompletionChunk until [DONE]."""
-        return self._stream(self._chat_call(messages, steering, max_tokens, temperature, model,
-                                            {**options, "stream": True}))
+        return self._stream(
+            self._chat_call(messages, steering, max_tokens, temperature, model, {**options, "stream": True})
+        )
 
-    def complete(self, prompt: str | list[int], *, steering: Steering = (), max_tokens: int | None = None,
-                 temperature: float | None = None, model: str | None = None, **options: Any):
+    def complete(
+        self,
+        prompt: str | list[int],
+        *,
+        steering: Steering = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        model: str | None = None,
+        **options: Any,
+    ):
         """POST /v1/completions -> Completion; `options` are other fields of CompletionRequest."""
         return self._run(self._complete_call(prompt, steering, max_tokens, temperature, model, options))
 
-    def complete_stream(self, prompt: str | list[int], *, steering: Steering = (), max_tokens: int | None = None,
-                        temperature: float | None = None, model: str | None = None, **options: Any):
+    def complete_stream(
+        self,
+        prompt: str | list[int],
+        *,
+        steering: Steering = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        model: str | None = None,
+        **options: Any,
+    ):
         """As `complete`, streamed: an iterator of Completion chunks until [DONE]."""
-        return self._stream(self._complete_call(prompt, steering, max_tokens, temperature, model,
-                                                {**options, "stream": True}))
+        return self._stream(
+            self._complete_call(prompt, steering, max_tokens, temperature, model, {**options, "stream": True})
+        )
 
-    def activations(self, input: str | None = None, *, saes: Sequence[str], messages: Messages | None = None,
-                    top_k: int | None = None, features: dict[str, list[int]] | None = None,
-                    max_tokens: int | None = None, steering: Steering = (), **options: Any):
+    def activations(
+        self,
+        input: str | None = None,
+        *,
+        saes: Sequence[str],
+        messages: Messages | None = None,
+        top_k: int | None = None,
+        features: dict[str, list[int]] | None = None,
+        max_tokens: int | None = None,
+        steering: Steering = (),
+        **options: Any,
+    ):
         """POST /v1/activations -> ActivationsResponse: per-token top features (and `features`) at each SAE of
         `saes`, for `input` text or `messages`; `max_tokens` > 0 continues the text and reads the new tokens too."""
-        body = without_none(input=input, messages=None if messages is None else _messages(messages), saes=list(saes),
-                            top_k=top_k, features=features, max_tokens=max_tokens, **options)
+        body = without_none(
+            input=input,
+            messages=None if messages is None else _messages(messages),
+            saes=list(saes),
+            top_k=top_k,
+            features=features,
+            max_tokens=max_tokens,
+            **options,
+        )
         return self._run(Call.of("activations", body={**body, "steering": _steering(steering)}))
 
     def saes(self):
@@ -146,8 +203,9 @@ class _Endpoints:
 
     def feature(self, sae_id: str, feature: int, *, top_n: int | None = None):
         """GET /v1/saes/{sae_id}/features/{feature} -> FeatureCard (logit lens, density, top contexts)."""
-        return self._run(Call.of("feature", path={"sae_id": sae_id, "feature": feature},
-                                 query=without_none(top_n=top_n)))
+        return self._run(
+            Call.of("feature", path={"sae_id": sae_id, "feature": feature}, query=without_none(top_n=top_n))
+        )
 
     def load_sae(self, path: str, *, id: str | None = None):
         """POST /v1/saes (admin key) -> SAEInfo: load a folder of the service's registry on every replica."""
@@ -159,8 +217,13 @@ class _Endpoints:
 
     @staticmethod
     def _chat_call(messages, steering, max_tokens, temperature, model, options) -> Call:
-        body = without_none(messages=_messages(messages), max_completion_tokens=max_tokens, temperature=temperature,
-                            model=model, **options)
+        body = without_none(
+            messages=_messages(messages),
+            max_completion_tokens=max_tokens,
+            temperature=temperature,
+            model=model,
+            **options,
+        )
         return Call.of("chat", body={**body, "steering": _steering(steering)})
 
     @staticmethod
@@ -179,7 +242,7 @@ class SAEServeClient(_Endpoints):
         super().__init__(base_url, api_key, **kwargs)
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
 
-    def __enter__(self) -> "SAEServeClient":
+    def __enter__(self) -> SAEServeClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -237,7 +300,7 @@ class AsyncSAEServeClient(_Endpoints):
         super().__init__(base_url, api_key, **kwargs)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
 
-    async def __aenter__(self) -> "AsyncSAEServeClient":
+    async def __aenter__(self) -> AsyncSAEServeClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

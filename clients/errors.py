@@ -9,8 +9,15 @@ from typing import Any
 class SAEServeError(Exception):
     """Any failed call; `status` is None when no HTTP response came back (connection refused, timeout)."""
 
-    def __init__(self, message: str, status: int | None = None, type: str | None = None, param: str | None = None,
-                 code: str | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -101,8 +108,9 @@ def error_from_body(status: int, body: Any, retry_after: float | None = None) ->
     """The exception for an error response; `body` is its parsed JSON or raw text."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
-        return _class_for(status)(str(err.get("message", "")), status, err.get("type"), err.get("param"),
-                                  err.get("code"), retry_after)
+        return _class_for(status)(
+            str(err.get("message", "")), status, err.get("type"), err.get("param"), err.get("code"), retry_after
+        )
     text = body if isinstance(body, str) else json.dumps(body)
     return _class_for(status)(text.strip() or f"HTTP {status}", status, retry_after=retry_after)
 

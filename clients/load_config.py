@@ -69,7 +69,7 @@ class LoadConfig:
         return {name: w for name, w in self.weights.items() if w > 0}
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "LoadConfig":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LoadConfig:
         kw: dict = {}
         if f"{_ENV}SCENARIO" in env:
             kw["scenario"] = env[f"{_ENV}SCENARIO"]

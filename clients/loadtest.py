@@ -42,10 +42,29 @@ class LoadTestRun:
             raise ValueError("users must be >= 1 and spawn_rate > 0")
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-                "--users", str(self.users), "--spawn-rate", str(self.spawn_rate), "--run-time", self.duration,
-                "--stop-timeout", str(self.stop_timeout_s), "--host", self.host,
-                "--csv", str(self.out / "locust"), "--html", str(self.out / "report.html")]
+        return [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--only-summary",
+            "--users",
+            str(self.users),
+            "--spawn-rate",
+            str(self.spawn_rate),
+            "--run-time",
+            self.duration,
+            "--stop-timeout",
+            str(self.stop_timeout_s),
+            "--host",
+            self.host,
+            "--csv",
+            str(self.out / "locust"),
+            "--html",
+            str(self.out / "report.html"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -63,16 +82,25 @@ class EndpointStats:
 def read_stats(out: Path) -> list[EndpointStats]:
     """The per-request-name rows of a finished run, the `Aggregated` row last."""
     with open(out / "locust_stats.csv", newline="") as f:
-        return [EndpointStats(name=row["Name"], requests=int(row["Request Count"]),
-                              failures=int(row["Failure Count"]), requests_per_s=float(row["Requests/s"]),
-                              p50_ms=float(row["50%"] or 0), p99_ms=float(row["99%"] or 0))
-                for row in csv.DictReader(f)]
+        return [
+            EndpointStats(
+                name=row["Name"],
+                requests=int(row["Request Count"]),
+                failures=int(row["Failure Count"]),
+                requests_per_s=float(row["Requests/s"]),
+                p50_ms=float(row["50%"] or 0),
+                p99_ms=float(row["99%"] or 0),
+            )
+            for row in csv.DictReader(f)
+        ]
 
 
 def summary(stats: list[EndpointStats]) -> str:
     lines = [f"{'name':<22}{'requests':>9}{'failures':>9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"]
-    lines += [f"{s.name:<22}{s.requests:>9}{s.failures:>9}{s.requests_per_s:>8.2f}{s.p50_ms:>9.0f}{s.p99_ms:>9.0f}"
-              for s in stats]
+    lines += [
+        f"{s.name:<22}{s.requests:>9}{s.failures:>9}{s.requests_per_s:>8.2f}{s.p50_ms:>9.0f}{s.p99_ms:>9.0f}"
+        for s in stats
+    ]
     return "\n".join(lines)
 
 

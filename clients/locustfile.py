@@ -21,7 +21,7 @@ from clients.response_models import ActivationsResponse, ChatCompletion, ModelLi
 CONFIG = LoadConfig.from_env()
 
 
-def _post(user: "SAEServeUser", path: str, name: str, body: BaseModel, response: type[BaseModel]) -> None:
+def _post(user: SAEServeUser, path: str, name: str, body: BaseModel, response: type[BaseModel]) -> None:
     payload = body.model_dump(mode="json", exclude_unset=True)
     with user.client.post(path, json=payload, name=name, catch_response=True) as r:
         if r.status_code != 200:
@@ -33,22 +33,27 @@ def _post(user: "SAEServeUser", path: str, name: str, body: BaseModel, response:
             r.failure(f"unexpected body: {e}")
 
 
-def _chat(user: "SAEServeUser", name: str, steering: list[SteeringEntry]) -> None:
-    body = ChatRequest(model=user.model, messages=[{"role": "user", "content": random.choice(DEFAULT_PROMPTS)}],
-                       max_completion_tokens=CONFIG.max_tokens, temperature=0.7, steering=steering)
+def _chat(user: SAEServeUser, name: str, steering: list[SteeringEntry]) -> None:
+    body = ChatRequest(
+        model=user.model,
+        messages=[{"role": "user", "content": random.choice(DEFAULT_PROMPTS)}],
+        max_completion_tokens=CONFIG.max_tokens,
+        temperature=0.7,
+        steering=steering,
+    )
     _post(user, "/v1/chat/completions", name, body, ChatCompletion)
 
 
-def plain_chat(user: "SAEServeUser") -> None:
+def plain_chat(user: SAEServeUser) -> None:
     _chat(user, "chat", [])
 
 
-def steered_chat(user: "SAEServeUser") -> None:
+def steered_chat(user: SAEServeUser) -> None:
     feature = random.randrange(user.d_sae)
     _chat(user, "chat steered", [SteeringEntry(sae=user.sae, feature=feature, value=CONFIG.steer_value)])
 
 
-def activations(user: "SAEServeUser") -> None:
+def activations(user: SAEServeUser) -> None:
     body = ActivationsRequest(input=random.choice(DEFAULT_PROMPTS), saes=[user.sae], top_k=CONFIG.top_k)
     _post(user, "/v1/activations", "activations", body, ActivationsResponse)
 

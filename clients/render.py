@@ -54,9 +54,15 @@ def feature_card(card: FeatureCard) -> str:
     lines = [f"{card.sae} feature {card.feature}  (decoder norm {card.decoder_norm:.3f})"]
     if card.explanation:
         lines.append(f"explanation: {card.explanation}")
-    stats = [f"{name} {value:.4g}" for name, value in (("density", card.density),
-                                                        ("mean activation", card.mean_activation),
-                                                        ("max activation", card.max_activation)) if value is not None]
+    stats = [
+        f"{name} {value:.4g}"
+        for name, value in (
+            ("density", card.density),
+            ("mean activation", card.mean_activation),
+            ("max activation", card.max_activation),
+        )
+        if value is not None
+    ]
     if stats:
         lines.append("  ".join(stats))
     lines.append(f"promotes:   {_tokens(card.top_tokens)}")

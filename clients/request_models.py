@@ -29,12 +29,14 @@ class SteeringEntry(_Body):
 
     sae: str = Field(min_length=1, description="Id of a loaded SAE.")
     feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
-    value: float = Field(description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias.")
+    value: float = Field(
+        description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias."
+    )
     op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias.")
     positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
 
     @classmethod
-    def parse(cls, text: str) -> "SteeringEntry":
+    def parse(cls, text: str) -> SteeringEntry:
         """`SAE:FEATURE[@OP][@POSITIONS]=VALUE` (the CLI's --steer syntax) -> an entry; ValueError if malformed."""
         m = _STEER_SYNTAX.match(text.strip())
         if m is None:
@@ -43,8 +45,9 @@ class SteeringEntry(_Body):
         for word in filter(None, m["suffixes"].split("@")):
             key = "op" if word in STEERING_OPS else "positions" if word in POSITIONS else None
             if key is None or key in fields:
-                raise ValueError(f"steering {text!r}: @{word} is not a (single) op {STEERING_OPS} or positions "
-                                 f"{POSITIONS}")
+                raise ValueError(
+                    f"steering {text!r}: @{word} is not a (single) op {STEERING_OPS} or positions {POSITIONS}"
+                )
             fields[key] = word
         try:
             fields["value"] = float(m["value"])

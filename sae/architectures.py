@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-
 ActivationFn = Callable[[torch.Tensor, Any], torch.Tensor]  # (pre, an SAE with .cfg and .threshold) -> acts
 
 
@@ -61,7 +60,9 @@ class ArchitectureRegistry(Mapping[str, ActivationFn]):
 ARCHITECTURES = ArchitectureRegistry()
 
 
-def register_architecture(name: str, *, threshold: bool = False, k: bool = False) -> Callable[[ActivationFn], ActivationFn]:
+def register_architecture(
+    name: str, *, threshold: bool = False, k: bool = False
+) -> Callable[[ActivationFn], ActivationFn]:
     """Decorator: register `fn(pre, sae) -> acts` under `name`."""
 
     def decorate(fn: ActivationFn) -> ActivationFn:

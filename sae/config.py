@@ -80,8 +80,11 @@ class SAEConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown SAEConfig keys: {', '.join(unknown)}")
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"missing SAEConfig keys: {', '.join(missing)}")

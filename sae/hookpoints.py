@@ -82,7 +82,8 @@ def _first(output: Any) -> torch.Tensor:
 
 
 def hf_module_and_output(model: nn.Module, hp: HookPoint | str) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
-    """For a transformers Llama-family causal LM: (module to forward-hook, module output -> activation [..., d_model])."""
+    """For a transformers Llama-family causal LM: (module to forward-hook, module output -> activation
+    [..., d_model])."""
     hp = HookPoint.parse(hp) if isinstance(hp, str) else hp
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)

@@ -45,7 +45,7 @@ class FoldedSAE:
     threshold: torch.Tensor | None  # [d_sae] for jumprelu
 
     @classmethod
-    def build(cls, module: SparseAutoencoder, device: torch.device) -> "FoldedSAE":
+    def build(cls, module: SparseAutoencoder, device: torch.device) -> FoldedSAE:
         """From a loaded module, which the caller then drops (its tensors are reused or copied once here)."""
         module = module.to(device=device, dtype=torch.float32).eval()
         cfg = module.cfg

@@ -32,14 +32,17 @@ def check_state_dict(cfg: SAEConfig, state_dict: Mapping[str, torch.Tensor]) -> 
     if missing:
         raise ValueError(f"SAE weights are missing tensor(s) {', '.join(missing)} (architecture {cfg.architecture!r})")
     if extra:
-        raise ValueError(f"SAE weights have unexpected tensor(s) {', '.join(extra)} (architecture {cfg.architecture!r})")
+        raise ValueError(
+            f"SAE weights have unexpected tensor(s) {', '.join(extra)} (architecture {cfg.architecture!r})"
+        )
     for name, shape in shapes.items():
         t = state_dict[name]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"SAE tensor {name!r} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"SAE tensor {name!r} has shape {tuple(t.shape)}, expected {shape} "
-                             f"(d_in={cfg.d_in}, d_sae={cfg.d_sae})")
+            raise ValueError(
+                f"SAE tensor {name!r} has shape {tuple(t.shape)}, expected {shape} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+            )
     check_finite(state_dict)
 
 
@@ -62,8 +65,9 @@ def validate_for_model(sae_cfg: SAEConfig | SparseAutoencoder, d_model: int, n_l
         raise ValueError("SAE has no hook point; give one (e.g. load_sae(..., hook_point='blocks.15.resid_post'))")
     hp = HookPoint.parse(str(cfg.hook_point))
     if hp.layer >= n_layers:
-        raise ValueError(f"SAE hook point {cfg.hook_point!r} is out of range: the model has {n_layers} layers "
-                         f"(0..{n_layers - 1})")
+        raise ValueError(
+            f"SAE hook point {cfg.hook_point!r} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+        )
     if sae is not None:
         with torch.no_grad():
             check_finite(dict(sae.state_dict()))

@@ -30,7 +30,7 @@ class AutoscalingConfig(_Strict):
     downscale_delay_s: float = Field(default=600.0, ge=0, description="How long load must stay low to remove one.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingConfig":
+    def _ordered(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling: min_replicas must be <= max_replicas")
         return self
@@ -132,13 +132,13 @@ class ServiceConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _registry_absolute(self) -> "ServiceConfig":
+    def _registry_absolute(self) -> ServiceConfig:
         if self.sae_registry is not None:
             self.sae_registry = self.sae_registry.expanduser().resolve()
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ServiceConfig":
+    def from_yaml(cls, path: str | Path) -> ServiceConfig:
         """The ServiceConfig of a `serve run` YAML (its first application's `args`) or of a bare ServiceConfig YAML."""
         return cls.model_validate(service_args(yaml.safe_load(Path(path).read_text()) or {}))
 

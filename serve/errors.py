@@ -20,8 +20,9 @@ class ServeError(Exception):
     status: ClassVar[int] = 500
     default_code: ClassVar[str | None] = None
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         # All four in args, so that pickling (Ray) rebuilds the same exception.
         super().__init__(message, param, code, headers)
         self.message = message
@@ -42,8 +43,9 @@ class InvalidRequest(ServeError):
 class SpecError(InvalidRequest):
     """400: a steering or capture spec that cannot run; `param` names the offending field."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message, param, code, headers)
 
 
@@ -84,8 +86,9 @@ class Unavailable(ServeError):
 
     status = 503
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message, param, code, headers or {"Retry-After": str(RETRY_AFTER_S)})
 
 
@@ -94,8 +97,13 @@ class EngineUnavailable(Unavailable):
 
     default_code = "engine_unavailable"
 
-    def __init__(self, message: str = "the engine is not running; retry shortly", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str = "the engine is not running; retry shortly",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message, param, code, headers)
 
 
@@ -104,8 +112,13 @@ class ModelUnavailable(Unavailable):
 
     default_code = "model_unavailable"
 
-    def __init__(self, message: str = "the model is unavailable; retry shortly", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str = "the model is unavailable; retry shortly",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message, param, code, headers)
 
 

@@ -146,6 +146,7 @@ class CompletionRequest(_SamplingFields):
     def top_logprobs_count(self) -> int | None:
         """Alternatives reported per generated token; None: no logprobs."""
         return self.logprobs
+
     echo: bool = Field(default=False, description="Only false is supported.")
     best_of: int | None = Field(default=None, description="Only null or equal to n is supported.")
     suffix: str | None = Field(default=None, description="Not supported (null only).")
@@ -210,7 +211,8 @@ class Completion(_Body):
     usage: Usage | None = Field(default=None, description="Token usage.")
     system_fingerprint: str | None = Field(default=None, description="Always null.")
     steering_report: list[SteeringReport] | None = Field(
-        default=None, exclude_if=lambda v: v is None,
+        default=None,
+        exclude_if=lambda v: v is None,
         description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
     )
 
@@ -242,8 +244,9 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_cache_key: str | None = Field(default=None, description="Accepted (caching is automatic here).")
     safety_identifier: str | None = Field(default=None, description="End-user id (accepted; not stored).")
 
-    @field_validator("tools", "functions", "audio", "prediction", "reasoning_effort", "web_search_options",
-                     "verbosity", "metadata")
+    @field_validator(
+        "tools", "functions", "audio", "prediction", "reasoning_effort", "web_search_options", "verbosity", "metadata"
+    )
     @classmethod
     def _null_only(cls, v, info):
         return _not_supported(v, (None,), info.field_name)
@@ -321,7 +324,8 @@ class ChatCompletion(_Body):
     usage: Usage | None = Field(default=None, description="Token usage.")
     system_fingerprint: str | None = Field(default=None, description="Always null.")
     steering_report: list[SteeringReport] | None = Field(
-        default=None, exclude_if=lambda v: v is None,
+        default=None,
+        exclude_if=lambda v: v is None,
         description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
     )
 
@@ -347,7 +351,8 @@ class ChatCompletionChunk(_Body):
     usage: Usage | None = Field(default=None, description="On the usage chunk only.")
     system_fingerprint: str | None = Field(default=None, description="Always null.")
     steering_report: list[SteeringReport] | None = Field(
-        default=None, exclude_if=lambda v: v is None,
+        default=None,
+        exclude_if=lambda v: v is None,
         description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
     )
 
@@ -409,7 +414,8 @@ class ActivationsResponse(_Body):
     tokens: list[ActivationToken] = Field(description="One row per token.")
     usage: Usage = Field(description="Token usage.")
     steering_report: list[SteeringReport] | None = Field(
-        default=None, exclude_if=lambda v: v is None,
+        default=None,
+        exclude_if=lambda v: v is None,
         description="Steered requests: what each steering entry did (on the last chunk of a stream; absent otherwise).",
     )
 

@@ -23,8 +23,9 @@ def check_sae_id(sae_id: str) -> str | None:
     """An error message for an id that cannot be served (it appears in URLs and metric labels), else None."""
     if SAE_ID.fullmatch(sae_id):
         return None
-    return (f"invalid SAE id {sae_id!r}: use up to 128 letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit")
+    return (
+        f"invalid SAE id {sae_id!r}: use up to 128 letters, digits, '.', '_' and '-', starting with a letter or digit"
+    )
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ def published(registry: Path) -> dict[str, Published]:
     if not manifest.is_file():
         return {}
     entries = json.loads(manifest.read_text()).get("saes", {})
-    return {sae_id: Published(registry / entry["path"], int(entry.get("version", 1)))
-            for sae_id, entry in sorted(entries.items())}
+    return {
+        sae_id: Published(registry / entry["path"], int(entry.get("version", 1)))
+        for sae_id, entry in sorted(entries.items())
+    }
 
 
 def scan(registry: Path) -> dict[str, Path]:

@@ -27,7 +27,9 @@ class SteeringEntry(BaseModel):
 
     sae: str = Field(min_length=1, description="Id of a loaded SAE.")
     feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
-    value: float = Field(description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias.")
+    value: float = Field(
+        description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias."
+    )
     op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias.")
     positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
 
@@ -70,7 +72,9 @@ def validate_steering(entries: list[SteeringEntry], saes: dict[str, SAEMeta], ma
                 f"steering[{i}].feature",
             )
         if not math.isfinite(e.value) or abs(e.value) > max_abs_value:
-            raise SpecError(f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value")
+            raise SpecError(
+                f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value"
+            )
 
 
 def validate_capture(spec: CaptureSpec, saes: dict[str, SAEMeta]) -> None:
@@ -92,11 +96,8 @@ def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) 
     """Prefix-cache salt: equal specs (on equal SAE versions) share KV blocks, different specs never do."""
     if not entries:
         return None
-    canon = sorted(
-        (e.sae, saes[e.sae].version, e.feature, e.op, repr(float(e.value)), e.positions) for e in entries
-    )
+    canon = sorted((e.sae, saes[e.sae].version, e.feature, e.op, repr(float(e.value)), e.positions) for e in entries)
     return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
-
 
 
 ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded"]

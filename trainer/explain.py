@@ -70,9 +70,13 @@ def chosen_features(cfg: ExplainConfig, records: list[dict[str, Any]]) -> list[i
 
 
 def _ask(client: httpx.Client, cfg: ExplainConfig, prompt: str) -> str:
-    body = {"model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
-            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
-            **cfg.extra_body}
+    body = {
+        "model": cfg.model,
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+        **cfg.extra_body,
+    }
     try:
         r = client.post("chat/completions", json=body)
     except httpx.HTTPError as e:
@@ -108,8 +112,9 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
     empty: list[int] = []
     with httpx.Client(base_url=cfg.base_url.rstrip("/") + "/", headers=headers, timeout=cfg.timeout_s) as client:
         for n, index in enumerate(todo, 1):
-            label = clean_label(_ask(client, cfg, feature_prompt(records[index], cfg.max_contexts)),
-                                cfg.max_label_chars)
+            label = clean_label(
+                _ask(client, cfg, feature_prompt(records[index], cfg.max_contexts)), cfg.max_label_chars
+            )
             if label:
                 explained[index] = label
             else:
@@ -123,13 +128,16 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.explain",
-                                     description="Label SAE features from their top contexts with an OpenAI-compatible model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.explain",
+        description="Label SAE features from their top contexts with an OpenAI-compatible model.",
+    )
     parser.add_argument("--sae-dir", required=True, type=Path, help="SAE folder with feature_stats.json")
     parser.add_argument("--base-url", default=ExplainConfig.base_url, help="API root including /v1")
     parser.add_argument("--model", default=ExplainConfig.model, help="model name for the chat requests")
-    parser.add_argument("--api-key-env", default=ExplainConfig.api_key_env,
-                        help="environment variable holding the API key")
+    parser.add_argument(
+        "--api-key-env", default=ExplainConfig.api_key_env, help="environment variable holding the API key"
+    )
     parser.add_argument("--features", help="comma-separated feature indices (default: all with contexts)")
     parser.add_argument("--limit", type=int, help="label at most this many features")
     parser.add_argument("--overwrite", action="store_true", help="relabel features that have an explanation")
@@ -137,9 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ExplainConfig(
-        sae_dir=args.sae_dir, base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-        features=[int(f) for f in args.features.split(",")] if args.features else None, limit=args.limit,
-        overwrite=args.overwrite, max_tokens=args.max_tokens,
+        sae_dir=args.sae_dir,
+        base_url=args.base_url,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        features=[int(f) for f in args.features.split(",")] if args.features else None,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        max_tokens=args.max_tokens,
     )
     try:
         result = explain(cfg)

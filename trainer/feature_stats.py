@@ -110,15 +110,17 @@ def feature_records(
             ctx_start = p - p % T
             lo, hi = max(ctx_start, p - window[0]), min(ctx_start + T, p + window[1] + 1)
             contexts.append({"activation": round(v, 5), "tokens": [text(t) for t in flat[lo:hi]], "index": p - lo})
-        records.append({
-            "id": i,
-            "density": density[i],
-            "mean_activation": total[i] / count[i] if count[i] else 0.0,
-            "max_activation": mx[i],
-            "top_contexts": contexts,
-            "logit_lens": {
-                "top": [[text(t), round(v, 4)] for t, v in zip(top_ids[i], top_vals[i])],
-                "bottom": [[text(t), round(v, 4)] for t, v in zip(bot_ids[i], bot_vals[i])],
-            },
-        })
+        records.append(
+            {
+                "id": i,
+                "density": density[i],
+                "mean_activation": total[i] / count[i] if count[i] else 0.0,
+                "max_activation": mx[i],
+                "top_contexts": contexts,
+                "logit_lens": {
+                    "top": [[text(t), round(v, 4)] for t, v in zip(top_ids[i], top_vals[i])],
+                    "bottom": [[text(t), round(v, 4)] for t, v in zip(bot_ids[i], bot_vals[i])],
+                },
+            }
+        )
     return records

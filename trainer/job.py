@@ -47,9 +47,7 @@ def _init_ray(cfg: TrainerConfig) -> bool:
         ray.init()
         return False
     env = {"OMP_NUM_THREADS": str(cfg.run.torch_threads), "MKL_NUM_THREADS": str(cfg.run.torch_threads)}
-    ray.init(
-        address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env}
-    )
+    ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
     return True
 
 
@@ -103,15 +101,23 @@ def finalize(cfg: TrainerConfig, checkpoint: Path) -> tuple[Path, dict[str, Any]
     save_sae(sae, final)
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= state.step]
     shutil.copyfile(run_dir / "metrics.jsonl", final / "metrics.jsonl")
-    files: dict[str, Any] = {"config": "sae.json", "weights": "sae.safetensors", "metrics": "metrics.jsonl",
-                             "plots": [plot_training_curves(records, final / "training_curves.png").name]}
+    files: dict[str, Any] = {
+        "config": "sae.json",
+        "weights": "sae.safetensors",
+        "metrics": "metrics.jsonl",
+        "plots": [plot_training_curves(records, final / "training_curves.png").name],
+    }
     model, tokenizer = load_language_model(cfg.model_path)
     corpus = load_corpus(cfg, tokenizer)
     result = None
     if cfg.eval.enabled:
         result = evaluate(sae, model, tokenizer, corpus, cfg.eval, cfg.data)
-        stats = {"format": FEATURES_FORMAT, "n_tokens": result.metrics["n_tokens"],
-                 "window": [cfg.eval.window_before, cfg.eval.window_after], "features": result.features}
+        stats = {
+            "format": FEATURES_FORMAT,
+            "n_tokens": result.metrics["n_tokens"],
+            "window": [cfg.eval.window_before, cfg.eval.window_after],
+            "features": result.features,
+        }
         (final / "feature_stats.json").write_text(json.dumps(stats))
         files["feature_stats"] = "feature_stats.json"
         files["plots"].append(plot_density_histogram(result.histogram, final / "feature_density.png").name)

@@ -19,8 +19,13 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> Path:
     """FVU, MSE, L0, dead fraction and learning rate against step."""
     plt = _pyplot()
     steps = [r["step"] for r in records]
-    panels = [("fvu", "FVU", True), ("mse", "MSE", True), ("l0", "L0", False), ("dead_frac", "dead fraction", False),
-              ("lr", "learning rate", False)]
+    panels = [
+        ("fvu", "FVU", True),
+        ("mse", "MSE", True),
+        ("l0", "L0", False),
+        ("dead_frac", "dead fraction", False),
+        ("lr", "learning rate", False),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title, log) in zip(axes, panels):
         ax.plot(steps, [r.get(key) for r in records])

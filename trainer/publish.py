@@ -107,7 +107,11 @@ def publish(folder: str | Path, registry: str | Path, sae_id: str) -> dict[str, 
         manifest["updated_at"] = entry["published_at"]
         _write_json_atomic(registry / MANIFEST, manifest)
         for old in home.iterdir():
-            if old.is_dir() and old.name.startswith("v") and old.name[1:].isdigit() \
-                    and int(old.name[1:]) <= version - KEEP_VERSIONS:
+            if (
+                old.is_dir()
+                and old.name.startswith("v")
+                and old.name[1:].isdigit()
+                and int(old.name[1:]) <= version - KEEP_VERSIONS
+            ):
                 shutil.rmtree(old, ignore_errors=True)
     return entry

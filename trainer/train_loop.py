@@ -54,8 +54,15 @@ class Worker:
 
     def _stream(self, position: int, d: int) -> ActivationStream:
         return ActivationStream(
-            self.source, self.plan, d=d, batch_size=self.cfg.optim.batch_size, capacity=self.cfg.data.shuffle_buffer,
-            rank=self.rank, world=self.world, seed=self.cfg.optim.seed, position=position,
+            self.source,
+            self.plan,
+            d=d,
+            batch_size=self.cfg.optim.batch_size,
+            capacity=self.cfg.data.shuffle_buffer,
+            rank=self.rank,
+            world=self.world,
+            seed=self.cfg.optim.seed,
+            position=position,
         )
 
     def _setup(self) -> None:

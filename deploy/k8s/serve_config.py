@@ -79,7 +79,9 @@ def patch_text(overlay: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write each overlay's serveConfigV2 patch from deploy/serve/config.yaml.")
+    parser = argparse.ArgumentParser(
+        description="Write each overlay's serveConfigV2 patch from deploy/serve/config.yaml."
+    )
     parser.add_argument("--check", action="store_true", help="only report out-of-date patches (exit 1 if any)")
     args = parser.parse_args(argv)
     stale = []

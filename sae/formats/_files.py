@@ -71,5 +71,7 @@ def unsupported(fmt: str, what: str) -> ValueError:
 def require_keys(state_dict: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str) -> None:
     missing = [k for k in keys if k not in state_dict]
     if missing:
-        raise ValueError(f"{fmt} SAE weights are missing tensor(s) {', '.join(missing)}; "
-                         f"found {', '.join(sorted(state_dict)) or 'none'}")
+        raise ValueError(
+            f"{fmt} SAE weights are missing tensor(s) {', '.join(missing)}; "
+            f"found {', '.join(sorted(state_dict)) or 'none'}"
+        )

@@ -27,15 +27,33 @@ from typing import Any
 import torch
 
 from ..config import SAEConfig
-from ._files import (common_dtype, convert_hook_name, read_json, read_safetensors, safetensors_keys, state_dtype,
-                     unsupported)
+from ._files import (
+    common_dtype,
+    convert_hook_name,
+    read_json,
+    read_safetensors,
+    safetensors_keys,
+    state_dtype,
+    unsupported,
+)
 
 NAME = "b_pre"
 _CONFIG_NAMES = ("config.json", "cfg.json", "sae_config.json")
 _WEIGHT_NAMES = ("model.safetensors", "sae.safetensors")
 _PRE_BIAS = ("b_pre", "pre_bias")
-_KNOWN = {"b_pre", "pre_bias", "encoder.weight", "W_enc", "b_enc", "latent_bias", "encoder.bias",
-          "decoder.weight", "W_dec", "decoder.bias", "h_bias"}
+_KNOWN = {
+    "b_pre",
+    "pre_bias",
+    "encoder.weight",
+    "W_enc",
+    "b_enc",
+    "latent_bias",
+    "encoder.bias",
+    "decoder.weight",
+    "W_dec",
+    "decoder.bias",
+    "h_bias",
+}
 
 
 def detect(folder: Path) -> bool:
@@ -68,8 +86,15 @@ def read(folder: Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     W_dec = _decoder(sd, d_in, d_sae)  # [d_sae, d_in]
     for name in ("decoder.bias", "h_bias"):
         if name in sd and bool(sd[name].ne(0).any()):
-            raise unsupported(NAME, f"non-zero {name!r}" + (" (a steering setting; zero it before publishing)"
-                                                            if name == "h_bias" else " (b_pre is the output bias)"))
+            raise unsupported(
+                NAME,
+                f"non-zero {name!r}"
+                + (
+                    " (a steering setting; zero it before publishing)"
+                    if name == "h_bias"
+                    else " (b_pre is the output bias)"
+                ),
+            )
     state = common_dtype({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_pre}, "W_enc")
 
     k = raw.get("k", raw.get("top_k"))

@@ -52,8 +52,11 @@ def read(folder: Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
         raise unsupported(NAME, f"act_fn {act_fn!r} (only jumprelu and relu)")
 
     raw = read_safetensors(_weights_file(folder))
-    norms = {k[len(_NORM_KEY):]: float(v.reshape(-1)[0]) for k, v in raw.items()
-             if k.startswith(_NORM_KEY) and v.numel() == 1}
+    norms = {
+        k[len(_NORM_KEY) :]: float(v.reshape(-1)[0])
+        for k, v in raw.items()
+        if k.startswith(_NORM_KEY) and v.numel() == 1
+    }
     raw = {k: v for k, v in raw.items() if not k.startswith(_NORM_KEY)}
     require_keys(raw, ("encoder.weight", "encoder.bias", "decoder.weight"), NAME)
     log_threshold = raw.pop("log_jumprelu_threshold", None)
@@ -61,13 +64,17 @@ def read(folder: Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     if extra:
         raise unsupported(NAME, f"unexpected tensor(s) {', '.join(extra)}")
     if raw["encoder.weight"].dim() != 2:
-        raise ValueError(f"Llama Scope tensor 'encoder.weight' has shape {tuple(raw['encoder.weight'].shape)}, "
-                         "expected (d_sae, d_in)")
+        raise ValueError(
+            f"Llama Scope tensor 'encoder.weight' has shape {tuple(raw['encoder.weight'].shape)}, "
+            "expected (d_sae, d_in)"
+        )
     W_enc = raw["encoder.weight"].T  # [d_in, d_sae]
     d_in, d_sae = W_enc.shape
     if tuple(raw["decoder.weight"].shape) != (d_in, d_sae):
-        raise ValueError(f"Llama Scope tensor 'decoder.weight' has shape {tuple(raw['decoder.weight'].shape)}, "
-                         f"expected {(d_in, d_sae)}")
+        raise ValueError(
+            f"Llama Scope tensor 'decoder.weight' has shape {tuple(raw['decoder.weight'].shape)}, "
+            f"expected {(d_in, d_sae)}"
+        )
     W_dec = raw["decoder.weight"].T  # [d_sae, d_in]
     b_dec = raw.get("decoder.bias")
     if b_dec is None or not hp.get("use_decoder_bias", True):
@@ -103,17 +110,22 @@ def _weights_file(folder: Path) -> Path:
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise ValueError(f"Llama Scope folder {folder}: several weight files in {where}, "
-                             f"expected {WEIGHTS_FILE}: {', '.join(p.name for p in found)}")
+            raise ValueError(
+                f"Llama Scope folder {folder}: several weight files in {where}, "
+                f"expected {WEIGHTS_FILE}: {', '.join(p.name for p in found)}"
+            )
     raise ValueError(f"Llama Scope folder {folder} has no {WEIGHTS_FILE} or other *.safetensors file")
 
 
-def _threshold(hp: dict[str, Any], log_threshold: torch.Tensor | None, dec_norm: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:
+def _threshold(
+    hp: dict[str, Any], log_threshold: torch.Tensor | None, dec_norm: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     if log_threshold is not None:
         if log_threshold.numel() not in (1, dec_norm.numel()):
-            raise ValueError(f"Llama Scope tensor 'log_jumprelu_threshold' has shape {tuple(log_threshold.shape)}, "
-                             f"expected ({dec_norm.numel()},)")
+            raise ValueError(
+                f"Llama Scope tensor 'log_jumprelu_threshold' has shape {tuple(log_threshold.shape)}, "
+                f"expected ({dec_norm.numel()},)"
+            )
         theta = log_threshold.float().exp().reshape(-1).expand_as(dec_norm)
     elif isinstance(hp.get("jump_relu_threshold"), (int, float)):
         theta = torch.full_like(dec_norm, float(hp["jump_relu_threshold"]))
@@ -135,7 +147,9 @@ def _input_scale(hp: dict[str, Any], file_norms: dict[str, float], hook: Any, d_
     norm_in = norms.get("in", file_norms.get(str(hook)))
     norm_out = norms.get("out", norm_in)
     if not isinstance(norm_in, (int, float)) or not norm_in > 0:
-        raise ValueError("Llama Scope norm_activation='dataset-wise' needs a positive dataset_average_activation_norm.in")
+        raise ValueError(
+            "Llama Scope norm_activation='dataset-wise' needs a positive dataset_average_activation_norm.in"
+        )
     if not isinstance(norm_out, (int, float)) or not math.isclose(norm_in, norm_out, rel_tol=1e-6):
         raise unsupported(NAME, f"different input and output norms ({norm_in} vs {norm_out})")
     return math.sqrt(d_model) / float(norm_in)

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from ..config import SAEConfig
-from ._files import (common_dtype, convert_hook_name, read_json, read_safetensors, require_keys,
-                     state_dtype, unsupported)
+from ._files import common_dtype, convert_hook_name, read_json, read_safetensors, require_keys, state_dtype, unsupported
 
 NAME = "saelens"
 CONFIG_FILE = "cfg.json"

@@ -58,12 +58,15 @@ def read(folder: Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
     extra = sorted(set(sd) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec"})
     if extra:
         raise unsupported(NAME, f"unexpected tensor(s) {', '.join(extra)}")
-    sd = common_dtype({
-        "W_enc": sd["encoder.weight"].T,
-        "b_enc": sd["encoder.bias"],
-        "W_dec": sd["W_dec"],
-        "b_dec": sd["b_dec"],
-    }, "W_enc")
+    sd = common_dtype(
+        {
+            "W_enc": sd["encoder.weight"].T,
+            "b_enc": sd["encoder.bias"],
+            "W_dec": sd["W_dec"],
+            "b_dec": sd["b_dec"],
+        },
+        "W_enc",
+    )
 
     metadata: dict[str, Any] = {"source_format": NAME, "source_cfg": raw}
     cfg = SAEConfig(

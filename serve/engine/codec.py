@@ -61,11 +61,13 @@ class EncodedRequest:
     capture: EncodedCapture | None
 
 
-def encode(entries: Iterable["SteeringEntry"], capture: "CaptureSpec | None", key: str) -> dict:
+def encode(entries: Iterable[SteeringEntry], capture: CaptureSpec | None, key: str) -> dict:
     """The `extra_args` of a request; empty when it neither steers nor captures."""
     out: dict[str, Any] = {}
-    steer = [[e.sae, e.feature, int(SteerOp[e.op.upper()]), float(e.value), int(PositionMode[e.positions.upper()])]
-             for e in entries]
+    steer = [
+        [e.sae, e.feature, int(SteerOp[e.op.upper()]), float(e.value), int(PositionMode[e.positions.upper()])]
+        for e in entries
+    ]
     if steer:
         out["steer"] = steer
     if capture is not None:
@@ -86,12 +88,17 @@ def decode(extra_args: dict | None) -> EncodedRequest | None:
     spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
     if not spec:
         return None
-    steer = [EncodedEntry(i, str(sae), int(feature), SteerOp(op), float(value), PositionMode(positions))
-             for i, (sae, feature, op, value, positions) in enumerate(spec.get("steer", ()))]
+    steer = [
+        EncodedEntry(i, str(sae), int(feature), SteerOp(op), float(value), PositionMode(positions))
+        for i, (sae, feature, op, value, positions) in enumerate(spec.get("steer", ()))
+    ]
     cap = spec.get("capture")
     capture = None
     if cap:
-        capture = EncodedCapture(saes=list(cap["saes"]), top_k=int(cap["top_k"]),
-                                 features={k: list(v) for k, v in cap.get("features", {}).items()},
-                                 include_generated=bool(cap.get("include_generated", False)))
+        capture = EncodedCapture(
+            saes=list(cap["saes"]),
+            top_k=int(cap["top_k"]),
+            features={k: list(v) for k, v in cap.get("features", {}).items()},
+            include_generated=bool(cap.get("include_generated", False)),
+        )
     return EncodedRequest(str(spec["key"]), steer, capture)

@@ -11,11 +11,15 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="embedded", description="'embedded' (SmolLM2-135M-Instruct) or a local Llama folder.")
-    dtype: str = Field(default="float32", description="Model dtype; keep float32 on CPU (compiled bf16 gave nonsense there).")
+    dtype: str = Field(
+        default="float32", description="Model dtype; keep float32 on CPU (compiled bf16 gave nonsense there)."
+    )
     enforce_eager: bool = Field(default=False, description="Skip torch.compile (faster start, slightly slower steps).")
     max_model_len: int = Field(default=2048, ge=16, description="Longest prompt + completion in tokens.")
     max_num_seqs: int = Field(default=64, ge=1, description="Most requests in one continuous batch.")
-    max_num_batched_tokens: int | None = Field(default=None, description="Token budget per step (vLLM default if unset).")
+    max_num_batched_tokens: int | None = Field(
+        default=None, description="Token budget per step (vLLM default if unset)."
+    )
     kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size in GiB.")
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes (steering is salted).")
     load_dummy_weights: bool = Field(default=False, description="Random weights (tests of large configs).")

@@ -117,7 +117,7 @@ class SAEEngine:
         self.steering_refused: str | None = None  # why steering requests are refused, once a probe failed
 
     @classmethod
-    async def start(cls, config: EngineConfig) -> "SAEEngine":
+    async def start(cls, config: EngineConfig) -> SAEEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -161,7 +161,7 @@ class SAEEngine:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def started(cls, config: EngineConfig) -> AsyncIterator["SAEEngine"]:
+    async def started(cls, config: EngineConfig) -> AsyncIterator[SAEEngine]:
         """`async with SAEEngine.started(config) as engine:` — the engine is shut down on every way out."""
         engine = await cls.start(config)
         try:
@@ -216,8 +216,9 @@ class SAEEngine:
     async def _probe(self, meta: SAEMeta, feature: int) -> None:
         """Prove that steering at this SAE's hook point changes decode steps, or refuse steering from now on."""
         sampling = Sampling(max_tokens=PROBE_TOKENS, temperature=0.0, ignore_eos=True)
-        entry = SteeringEntry(sae=meta.sae_id, feature=feature, value=self.config.max_abs_steering_value,
-                              positions="generated")
+        entry = SteeringEntry(
+            sae=meta.sae_id, feature=feature, value=self.config.max_abs_steering_value, positions="generated"
+        )
         plain, steered = [await self._greedy_tokens(sampling, steer) for steer in ([], [entry])]
         if plain[1:] != steered[1:]:
             logger.info("steering probe at %s passed: decode steps follow the steering", meta.hook_point)
@@ -373,7 +374,9 @@ def _to_update(request_id: str, out) -> GenerationUpdate:
             index=c.index,
             text=c.text,
             token_ids=list(c.token_ids),
-            logprobs=[{t: lp.logprob for t, lp in pos.items()} for pos in c.logprobs] if c.logprobs is not None else None,
+            logprobs=[{t: lp.logprob for t, lp in pos.items()} for pos in c.logprobs]
+            if c.logprobs is not None
+            else None,
             finish_reason=c.finish_reason,
         )
         for c in out.outputs

@@ -28,8 +28,8 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 """Folder name (and accepted alias) of the embedded default model."""

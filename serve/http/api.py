@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from serve.errors import PayloadTooLarge
-from serve.http.errors import error_body, error_type, install_error_handlers
 from serve.http.context import IngressContext
-from serve.http.routes import activations, ops, openai, saes, ui
+from serve.http.errors import error_body, error_type, install_error_handlers
+from serve.http.routes import activations, openai, ops, saes, ui
 
 
 class RequestObserver:
@@ -64,8 +64,9 @@ class RequestObserver:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             body = json.dumps(error_body(PayloadTooLarge(f"the request body is larger than {limit} bytes"))).encode()
-            await observed_send({"type": "http.response.start", "status": 413,
-                                 "headers": [(b"content-type", b"application/json")]})
+            await observed_send(
+                {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
+            )
             await observed_send({"type": "http.response.body", "body": body})
             return
         try:

@@ -37,7 +37,7 @@ class KeyStore:
     admin: tuple[bytes, ...] = ()
 
     @classmethod
-    def from_config(cls, cfg: AuthConfig) -> "KeyStore":
+    def from_config(cls, cfg: AuthConfig) -> KeyStore:
         admin = tuple(_digest(k) for k in _read_keys(cfg.admin_keys_file, cfg.admin_keys_env))
         user = tuple(_digest(k) for k in _read_keys(cfg.api_keys_file, cfg.api_keys_env))
         return cls(user=user + admin, admin=admin)

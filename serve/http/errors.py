@@ -69,8 +69,9 @@ _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 def _client_loc(loc: tuple) -> tuple:
     # pydantic tags each union member / function validator in the location; users never wrote those names.
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")
-                                                                   or p in _UNION_TAGS)))
+    return tuple(
+        p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-") or p in _UNION_TAGS))
+    )
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:

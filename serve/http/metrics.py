@@ -18,28 +18,54 @@ class ServiceMetrics:
         disable_created_metrics()  # the *_created series double the output and no dashboard reads them
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sae_serve:requests", "HTTP requests finished, by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.errors = Counter("sae_serve:request_errors", "Requests answered with an error, by endpoint and type.",
-                              ["endpoint", "type"], registry=r)
-        self.latency = Histogram("sae_serve:e2e_request_latency_seconds", "Time from request to last byte.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("sae_serve:time_to_first_token_seconds", "Time from request to the first token.",
-                              ["endpoint"], buckets=TTFT_BUCKETS, registry=r)
+        self.requests = Counter(
+            "sae_serve:requests",
+            "HTTP requests finished, by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "sae_serve:request_errors",
+            "Requests answered with an error, by endpoint and type.",
+            ["endpoint", "type"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "sae_serve:e2e_request_latency_seconds",
+            "Time from request to last byte.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sae_serve:time_to_first_token_seconds",
+            "Time from request to the first token.",
+            ["endpoint"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("sae_serve:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("sae_serve:generation_tokens", "Tokens generated.", registry=r)
         self.steered = Counter("sae_serve:steered_requests", "Requests steered with each SAE.", ["sae"], registry=r)
-        self.steered_tokens = Counter("sae_serve:steered_tokens", "Token rows steered, by SAE (steering reports).",
-                                      ["sae"], registry=r)
+        self.steered_tokens = Counter(
+            "sae_serve:steered_tokens", "Token rows steered, by SAE (steering reports).", ["sae"], registry=r
+        )
         self.unapplied_entries = Counter(
             "sae_serve:unapplied_steering_entries",
-            "Steering entries that steered no token they should have, by SAE and status.", ["sae", "status"],
-            registry=r)
+            "Steering entries that steered no token they should have, by SAE and status.",
+            ["sae", "status"],
+            registry=r,
+        )
         self.loaded_saes = Gauge("sae_serve:loaded_saes", "SAEs currently served.", registry=r)
-        self.sae_bytes = Gauge("sae_serve:sae_resident_bytes", "Bytes of each served SAE's weights in the engine.",
-                               ["sae"], registry=r)
-        self.sae_events = Counter("sae_serve:sae_hot_load_events", "Admin SAE loads/unloads, by action and outcome.",
-                                  ["action", "outcome"], registry=r)
+        self.sae_bytes = Gauge(
+            "sae_serve:sae_resident_bytes", "Bytes of each served SAE's weights in the engine.", ["sae"], registry=r
+        )
+        self.sae_events = Counter(
+            "sae_serve:sae_hot_load_events",
+            "Admin SAE loads/unloads, by action and outcome.",
+            ["action", "outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -59,4 +85,3 @@ class ServiceMetrics:
                 self.steered_tokens.labels(entry.sae).inc(entry.steered_tokens)
             if entry.status in ("not_applied", "sae_not_loaded"):
                 self.unapplied_entries.labels(entry.sae, entry.status).inc()
-

@@ -100,7 +100,8 @@ class ReplicaClient:
 
     async def feature_list(self, sae_id: str, query: str, limit: int, offset: int) -> FeatureList:
         return await self._call(
-            lambda: self._handle.feature_list.remote(sae_id, query, limit, offset, self.sae_version))
+            lambda: self._handle.feature_list.remote(sae_id, query, limit, offset, self.sae_version)
+        )
 
     async def sae_plot(self, sae_id: str, name: str) -> bytes:
         return await self._call(lambda: self._handle.sae_plot.remote(sae_id, name, self.sae_version))
@@ -122,7 +123,7 @@ class ReplicaClient:
     async def health(self) -> None:
         await self._call(lambda: self._handle.health.remote())
 
-    async def generate(self, req: GenerationRequest) -> "GenerationStream":
+    async def generate(self, req: GenerationRequest) -> GenerationStream:
         """Start a generation; raises before any response is sent if the request is refused."""
         self._refuse_while_down()
         gen = self._handle.options(stream=True).generate.remote(req, self.sae_version)

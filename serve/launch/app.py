@@ -66,7 +66,7 @@ def build_app(config: dict[str, Any] | ServiceConfig):
     return application(config, start_vllm_engine)
 
 
-def application(config: dict[str, Any] | ServiceConfig, engine_factory: "EngineFactory"):
+def application(config: dict[str, Any] | ServiceConfig, engine_factory: EngineFactory):
     """The three deployments; `engine_factory` starts each model replica's engine."""
     from ray import serve
 
@@ -80,11 +80,16 @@ def application(config: dict[str, Any] | ServiceConfig, engine_factory: "EngineF
     plain = config.model_dump(mode="json")
 
     # Replicas poll the directory every sae_sync_interval_s: access logs of those calls would drown the console.
-    directory = serve.deployment(SAEDirectory, name="SAEDirectory").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False}
-    ).bind(initial_saes(config), published_versions(config))
-    model = serve.deployment(SAEModel, name="SAEModel").options(**config.model.serve_options()).bind(
-        plain, directory, engine_factory)
+    directory = (
+        serve.deployment(SAEDirectory, name="SAEDirectory")
+        .options(num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
+        .bind(initial_saes(config), published_versions(config))
+    )
+    model = (
+        serve.deployment(SAEModel, name="SAEModel")
+        .options(**config.model.serve_options())
+        .bind(plain, directory, engine_factory)
+    )
     ingress_options = config.ingress.serve_options()
     # The ingress never blocks its event loop, so Ray Serve may run its code and its handle's router on the
     # replica's main loop: two thread hops fewer per streamed message (Ray's "throughput optimized" settings).

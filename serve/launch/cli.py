@@ -108,13 +108,18 @@ def add_up_command(subparsers: argparse._SubParsersAction) -> None:
             "Without API keys it only listens on 127.0.0.1."
         ),
     )
-    up.add_argument("--config", type=Path, default=DEFAULT_SERVE_CONFIG,
-                    help="serve config YAML (default: deploy/serve/config.yaml)")
+    up.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_SERVE_CONFIG,
+        help="serve config YAML (default: deploy/serve/config.yaml)",
+    )
     up.add_argument("--address", default=None, help="join this existing Ray cluster instead of starting one")
     up.add_argument("--host", default=None, help="HTTP bind address (default: the config's host, 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's port, 8000)")
-    up.add_argument("--num-cpus", type=int, default=None,
-                    help="logical CPUs of the local Ray node (default: all cores, at least 2)")
+    up.add_argument(
+        "--num-cpus", type=int, default=None, help="logical CPUs of the local Ray node (default: all cores, at least 2)"
+    )
     up.set_defaults(func=_cmd_up)
 
 
@@ -134,8 +139,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``sae-serve train``."""
-    train = subparsers.add_parser("train", help="train, evaluate and publish an SAE (a Ray Train job; `python -m trainer`)")
-    train.add_argument("--config", type=Path, default=None, help="trainer YAML, e.g. trainer/configs/smollm2-l15-resid-8x.yaml")
+    train = subparsers.add_parser(
+        "train", help="train, evaluate and publish an SAE (a Ray Train job; `python -m trainer`)"
+    )
+    train.add_argument(
+        "--config", type=Path, default=None, help="trainer YAML, e.g. trainer/configs/smollm2-l15-resid-8x.yaml"
+    )
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     train.set_defaults(func=_cmd_train)
 

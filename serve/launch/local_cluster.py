@@ -42,7 +42,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (is another service running there?)")
+            raise ValueError(
+                f"cannot listen on {host}:{port}: {e.strerror} (is another service running there?)"
+            ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,8 +59,10 @@ def check_direct_ingress(config: ServiceConfig) -> None:
     ingress = config.ingress
     most = ingress.autoscaling.max_replicas if ingress.autoscaling is not None else ingress.num_replicas
     if config.direct_ingress and most > 1:
-        raise ValueError(f"direct_ingress serves one port from one ingress replica, but the ingress may run {most}; "
-                         "set direct_ingress: false to put Ray's proxy in front of several")
+        raise ValueError(
+            f"direct_ingress serves one port from one ingress replica, but the ingress may run {most}; "
+            "set direct_ingress: false to put Ray's proxy in front of several"
+        )
 
 
 @contextlib.contextmanager
@@ -86,8 +90,13 @@ def local_ray(config: ServiceConfig, num_cpus: int, log_to_driver: bool = True) 
     env = direct_ingress_env(config.port) if config.direct_ingress else {}
     # Ray's processes copy the environment when they start, so the settings only need to hold across ray.init.
     with _environ(env):
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=log_to_driver)
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=num_cpus,
+            log_to_driver=log_to_driver,
+        )
     try:
         proxy_port = free_port(config.host) if config.direct_ingress else config.port
         serve.start(http_options={"host": config.host, "port": proxy_port})

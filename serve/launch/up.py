@@ -14,8 +14,8 @@ from serve.launch.local_cluster import APP_NAME
 
 def service_config(path: Path, host: str | None, port: int | None) -> ServiceConfig:
     """The config file with command-line overrides; refuses an unauthenticated public bind before Ray starts."""
-    from serve.launch.app import check_binding
     from serve.http.auth import KeyStore
+    from serve.launch.app import check_binding
 
     config = ServiceConfig.from_yaml(path)
     config = ServiceConfig.model_validate(
@@ -59,14 +59,19 @@ def up(config: ServiceConfig, address: str | None, num_cpus: int | None) -> int:
         # request from a supervisor should take the same path as Ctrl-C.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            print(f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
-                  file=sys.stderr)
+            print(
+                f"sae-serve: starting on http://{config.host}:{config.port} (the engine takes 1-3 minutes)...",
+                file=sys.stderr,
+            )
             ray_s = time.perf_counter() - started
             serve.run(build_app(config), name=APP_NAME, route_prefix="/")
             total_s = time.perf_counter() - started
-            print(f"sae-serve: ready on http://{config.host}:{config.port} in {total_s:.0f} s (Ray {ray_s:.0f} s, "
-                  f"deployments and engine {total_s - ray_s:.0f} s; the replica's log line 'engine started' splits "
-                  f"the engine's part) (Ctrl-C stops)", file=sys.stderr)
+            print(
+                f"sae-serve: ready on http://{config.host}:{config.port} in {total_s:.0f} s (Ray {ray_s:.0f} s, "
+                f"deployments and engine {total_s - ray_s:.0f} s; the replica's log line 'engine started' splits "
+                f"the engine's part) (Ctrl-C stops)",
+                file=sys.stderr,
+            )
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

@@ -8,8 +8,13 @@ from serve.protocol import ActivationsRequest, ActivationToken
 from serve.replica.prompting import PromptRenderer, RenderedPrompt
 
 
-def activation_rows(prompts: PromptRenderer, req: ActivationsRequest, rendered: RenderedPrompt, generated: list[int],
-                    captures: dict[str, dict[str, list]]) -> tuple[list[ActivationToken], str, str]:
+def activation_rows(
+    prompts: PromptRenderer,
+    req: ActivationsRequest,
+    rendered: RenderedPrompt,
+    generated: list[int],
+    captures: dict[str, dict[str, list]],
+) -> tuple[list[ActivationToken], str, str]:
     """The token rows, the analysed text and the generated text."""
     text = rendered.text or ""
     offsets = list(rendered.offsets or [])
@@ -36,6 +41,14 @@ def activation_rows(prompts: PromptRenderer, req: ActivationsRequest, rendered: 
                 "top": list(zip(cap["top_indices"][r], cap["top_values"][r])),
                 "features": list(zip(req.features.get(sae_id, []), cap["feature_values"][r])),
             }
-        tokens.append(ActivationToken(index=i, id=tid, text=prompts.token_text(tid), offset=offsets[i],
-                                      generated=i >= len(rendered.token_ids), saes=saes))
+        tokens.append(
+            ActivationToken(
+                index=i,
+                id=tid,
+                text=prompts.token_text(tid),
+                offset=offsets[i],
+                generated=i >= len(rendered.token_ids),
+                saes=saes,
+            )
+        )
     return tokens, text, gen_text

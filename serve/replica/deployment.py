@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from serve.config import ServiceConfig
@@ -54,8 +53,15 @@ async def start_vllm_engine(config: EngineConfig):
 
 def sampling_for(req: GenerationRequest, max_tokens: int) -> Sampling:
     """The one conversion of a completion or chat request's sampling fields into the engine's."""
-    return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                    stop=req.stop_tuple(), n=req.n, logprobs=req.top_logprobs_count())
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop_tuple(),
+        n=req.n,
+        logprobs=req.top_logprobs_count(),
+    )
 
 
 def _log_to_stderr() -> None:
@@ -90,7 +96,8 @@ class SAEModel:
         if self.config.watch_registry and self.config.sae_registry is not None:
             watcher = ManifestWatcher(self.config.sae_registry)
             self._watch_task = asyncio.create_task(
-                self._saes.watch_registry(watcher, self.config.registry_poll_interval_s))
+                self._saes.watch_registry(watcher, self.config.registry_poll_interval_s)
+            )
 
     # --- SAEs ------------------------------------------------------------------------------------------------------
     async def saes(self, version: int = 0) -> list[SAEInfo]:
@@ -100,14 +107,23 @@ class SAEModel:
     async def sae_card(self, sae_id: str, version: int = 0) -> SAECard:
         meta, folder = await self._saes.served(sae_id, version)
         cfg = await asyncio.to_thread(self._lens.config, sae_id, meta.version, folder)
-        return SAECard(**sae_info_fields(meta), model=cfg.model, k=cfg.k, metadata=cfg.metadata,
-                       card=read_json(folder / CARD_FILE), has_feature_stats=(folder / FEATURE_STATS_FILE).is_file())
+        return SAECard(
+            **sae_info_fields(meta),
+            model=cfg.model,
+            k=cfg.k,
+            metadata=cfg.metadata,
+            card=read_json(folder / CARD_FILE),
+            has_feature_stats=(folder / FEATURE_STATS_FILE).is_file(),
+        )
 
     async def feature(self, sae_id: str, index: int, top_n: int, version: int = 0) -> FeatureCard:
         meta, folder = await self._saes.served(sae_id, version)
         if not 0 <= index < meta.d_sae:
-            raise NotFound(f"feature {index} out of range for SAE {sae_id!r} with {meta.d_sae} features",
-                           "feature", "feature_not_found")
+            raise NotFound(
+                f"feature {index} out of range for SAE {sae_id!r} with {meta.d_sae} features",
+                "feature",
+                "feature_not_found",
+            )
         card = await asyncio.to_thread(
             self._lens.card, sae_id, meta.version, folder, index, top_n, self._prompts.token_text
         )
@@ -147,28 +163,35 @@ class SAEModel:
         elif isinstance(req, ActivationsRequest):
             if req.messages is not None:
                 param = "messages"
-                rendered = self._prompts.render_chat([m.template_dict() for m in req.messages],
-                                                     req.add_generation_prompt, param)
+                rendered = self._prompts.render_chat(
+                    [m.template_dict() for m in req.messages], req.add_generation_prompt, param
+                )
             else:
                 param = "input"
                 rendered = self._prompts.render_text(req.input or "", param)
         else:
             param = "prompt"
             prompt = req.prompt
-            rendered = (self._prompts.render_text(prompt, param) if isinstance(prompt, str)
-                        else self._prompts.render_ids(prompt, param))  # type: ignore[arg-type]
+            rendered = (
+                self._prompts.render_text(prompt, param)
+                if isinstance(prompt, str)
+                else self._prompts.render_ids(prompt, param)
+            )  # type: ignore[arg-type]
         limit = self.config.limits.max_prompt_tokens
         if len(rendered.token_ids) > limit:
             raise ContextLengthExceeded(
-                f"{param}: the prompt has {len(rendered.token_ids)} tokens; the limit is {limit}", param)
+                f"{param}: the prompt has {len(rendered.token_ids)} tokens; the limit is {limit}", param
+            )
         return rendered, param
 
     def _fit(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
         room = self.config.engine.max_model_len - prompt_len
         if max_tokens is None:
             if room < 1:
-                raise ContextLengthExceeded(f"the prompt ({prompt_len} tokens) fills the model's context "
-                                            f"({self.config.engine.max_model_len} tokens)")
+                raise ContextLengthExceeded(
+                    f"the prompt ({prompt_len} tokens) fills the model's context "
+                    f"({self.config.engine.max_model_len} tokens)"
+                )
             return min(room, self.config.limits.max_tokens)
         if max_tokens > room:
             raise ContextLengthExceeded(
@@ -210,8 +233,9 @@ class SAEModel:
                 if d.logprobs is not None and out.logprobs is not None and top_n is not None:
                     d.logprobs += [self._logprob(t, lp, top_n) for t, lp in zip(out.token_ids, out.logprobs)]
                 d.finish_reason = out.finish_reason or d.finish_reason
-        return StreamItem(prompt_tokens, [deltas[i] for i in sorted(deltas)], group[-1].finished,
-                          group[-1].steering_report)
+        return StreamItem(
+            prompt_tokens, [deltas[i] for i in sorted(deltas)], group[-1].finished, group[-1].steering_report
+        )
 
     def _logprob(self, token_id: int, logprobs: dict[int, float], top_n: int) -> TokenLogprob:
         text = self._prompts.token_text
@@ -223,8 +247,9 @@ class SAEModel:
         await self._saes.catch_up(sae_version, {e.sae for e in req.steering} | set(req.saes))
         rendered, _ = self._render(req)
         steps = self._fit(len(rendered.token_ids), max(req.max_tokens, 1), "max_tokens")
-        capture = CaptureSpec(saes=req.saes, top_k=req.top_k, features=req.features,
-                              include_generated=req.max_tokens > 0)
+        capture = CaptureSpec(
+            saes=req.saes, top_k=req.top_k, features=req.features, include_generated=req.max_tokens > 0
+        )
         sampling = Sampling(max_tokens=steps, temperature=req.temperature, seed=req.seed)
         generated: list[int] = []
         captures: dict = {}
@@ -239,12 +264,20 @@ class SAEModel:
         if req.max_tokens == 0:
             generated = []
         tokens, text, gen_text = await asyncio.to_thread(
-            activation_rows, self._prompts, req, rendered, generated, captures)
+            activation_rows, self._prompts, req, rendered, generated, captures
+        )
         prompt_tokens = len(rendered.token_ids)
         return ActivationsResponse(
-            model=self.config.served_model_name, saes=req.saes, text=text, generated_text=gen_text, tokens=tokens,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated),
-                        total_tokens=prompt_tokens + len(generated)),
+            model=self.config.served_model_name,
+            saes=req.saes,
+            text=text,
+            generated_text=gen_text,
+            tokens=tokens,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(generated),
+                total_tokens=prompt_tokens + len(generated),
+            ),
             steering_report=report,
         )
 

@@ -103,8 +103,10 @@ class FeatureLens:
         top, bottom = logits.topk(top_n), logits.topk(top_n, largest=False)
 
         def tokens(result) -> list[dict]:
-            return [{"token": token_text(int(i)), "id": int(i), "logit": float(v)}
-                    for v, i in zip(result.values, result.indices)]
+            return [
+                {"token": token_text(int(i)), "id": int(i), "logit": float(v)}
+                for v, i in zip(result.values, result.indices)
+            ]
 
         out: dict[str, Any] = {
             "sae": sae_id,

@@ -34,14 +34,16 @@ class PromptRenderer:
     def render_ids(self, token_ids: list[int], param: str) -> RenderedPrompt:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise InvalidRequest(f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
-                                 param)
+            raise InvalidRequest(
+                f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param
+            )
         return RenderedPrompt(list(token_ids), None, None)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool, param: str) -> RenderedPrompt:
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as e:  # jinja raises its own types for conversations a template refuses
             raise InvalidRequest(f"{param}: the chat template rejected the conversation: {e}", param) from None
         # The template already wrote the special tokens (as vLLM does for chat).

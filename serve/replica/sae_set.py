@@ -165,5 +165,12 @@ class SAESet:
 
 
 def sae_info_fields(meta: SAEMeta) -> dict[str, Any]:
-    return {"id": meta.sae_id, "hook_point": meta.hook_point, "architecture": meta.architecture,
-            "d_in": meta.d_in, "d_sae": meta.d_sae, "version": meta.version, "bytes": meta.resident_bytes}
+    return {
+        "id": meta.sae_id,
+        "hook_point": meta.hook_point,
+        "architecture": meta.architecture,
+        "d_in": meta.d_in,
+        "d_sae": meta.d_sae,
+        "version": meta.version,
+        "bytes": meta.resident_bytes,
+    }

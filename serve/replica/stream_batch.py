@@ -59,7 +59,7 @@ async def batched(source: AsyncIterator[T], interval_s: float | Callable[[], flo
             else:
                 try:
                     await asyncio.wait_for(done.wait(), timeout=interval_s() if callable(interval_s) else interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             while not queue.empty():
                 items.append(queue.get_nowait())

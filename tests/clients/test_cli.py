@@ -1,5 +1,6 @@
-"""`sae-serve chat|complete|activations|saes|features` against the live shared service, through serve.launch.cli's parser
-(the same dispatch as the console script); URL and key from the environment as a user would set them."""
+"""`sae-serve chat|complete|activations|saes|features` against the live shared service, through serve.launch.cli's
+parser (the same dispatch as the console script); URL and key from the environment as a user would set them.
+"""
 
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ def test_complete_with_steer_flags_changes_the_text(env, capsys):
     _, plain, _ = run(capsys, "complete", PROMPT, "--max-tokens", "10")
     code, steered, _ = run(capsys, "complete", PROMPT, "--max-tokens", "10", "--steer", f"toy:{feature}@add=+150")
     assert code == 0 and steered != plain
-    code, as_json, _ = run(capsys, "complete", PROMPT, "--max-tokens", "10", "--json",
-                           "--steer", f"toy:{feature}=150")
+    code, as_json, _ = run(capsys, "complete", PROMPT, "--max-tokens", "10", "--json", "--steer", f"toy:{feature}=150")
     assert json.loads(as_json)["choices"][0]["text"] + "\n" == steered
 
 
 def test_activations_table_has_one_row_per_token_with_features(env, capsys):
-    code, out, _ = run(capsys, "activations", "I had pizza for dinner", "--sae", "toy", "--top-k", "2",
-                       "--feature", "7")
+    code, out, _ = run(
+        capsys, "activations", "I had pizza for dinner", "--sae", "toy", "--top-k", "2", "--feature", "7"
+    )
     assert code == 0
     header, *rows = out.rstrip("\n").split("\n")
     assert header.split() == ["pos", "token", "gen", "toy:", "top", "toy:", "requested"]
@@ -71,8 +72,10 @@ def test_saes_and_features(env, capsys):
 def test_errors_are_one_line_with_the_server_message_and_never_the_key(env, capsys, monkeypatch):
     code, out, err = run(capsys, "chat", "Hi", "--max-tokens", "4", "--steer", "nope:1=2")
     assert code == 1 and out == ""
-    assert err.strip() == ("sae-serve chat: error: 400 invalid_request_error: steering[0].sae: unknown SAE 'nope' "
-                           "(loaded: toy) (param steering[0].sae)")
+    assert err.strip() == (
+        "sae-serve chat: error: 400 invalid_request_error: steering[0].sae: unknown SAE 'nope' "
+        "(loaded: toy) (param steering[0].sae)"
+    )
     code, _, err = run(capsys, "features", "toy", "100000")
     assert code == 1 and "404" in err
     monkeypatch.setenv("SAE_SERVE_API_KEY", "sk-not-a-key-42")
@@ -86,7 +89,8 @@ def test_steer_syntax():
     assert SteeringEntry.parse("l15:1234=+8") == SteeringEntry(sae="l15", feature=1234, value=8.0)
     assert SteeringEntry.parse("l15:1234@clamp=3").op == "clamp"
     assert SteeringEntry.parse("my:sae:7@generated@mul=-0.5") == SteeringEntry(
-        sae="my:sae", feature=7, value=-0.5, op="mul", positions="generated")
+        sae="my:sae", feature=7, value=-0.5, op="mul", positions="generated"
+    )
     for bad in ("toy=3", "toy:x=3", "toy:1@scale=3", "toy:1@add@clamp=3", "toy:1=abc", ":1=3"):
         with pytest.raises(ValueError):
             SteeringEntry.parse(bad)

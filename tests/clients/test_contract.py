@@ -15,8 +15,22 @@ from clients.calls import ROUTES, Route
 from clients.response_models import ChatChunkChoice, ChatDelta
 
 # JSON-schema keys that document or constrain values but do not change what a field is.
-_IGNORED = {"title", "description", "default", "examples", "minimum", "maximum", "exclusiveMinimum",
-            "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"}
+_IGNORED = {
+    "title",
+    "description",
+    "default",
+    "examples",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "format",
+}
 
 
 class Schemas:
@@ -45,8 +59,10 @@ def shape(schemas: Schemas, schema: dict[str, Any]) -> Any:
     kind = schema.get("type")
     if kind == "object" and "properties" in schema:
         required = set(schema.get("required", ()))
-        return ("object", frozenset((name, shape(schemas, sub), name in required)
-                                    for name, sub in schema["properties"].items()))
+        return (
+            "object",
+            frozenset((name, shape(schemas, sub), name in required) for name, sub in schema["properties"].items()),
+        )
     if kind == "object":
         extra = schema.get("additionalProperties", True)
         return ("map", shape(schemas, extra) if isinstance(extra, dict) else ("any",))
@@ -144,10 +160,15 @@ def test_response_body_matches(openapi, name):
 
 def test_stream_chunks_carry_the_sdk_chunk_fields(service):
     """Chunks travel as SSE, outside OpenAPI: read real ones and compare their keys with the SDK's chunk models."""
-    body = {"model": service.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": service.model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with service.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
-        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: {")]
+        events = [json.loads(line[len("data: ") :]) for line in r.iter_lines() if line.startswith("data: {")]
     assert len(events) >= 2
     chunk = ROUTES["chat"].chunk
     for event in events:

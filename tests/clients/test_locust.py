@@ -22,9 +22,27 @@ def _steered_total(service) -> float:
 def test_short_mixed_run_has_no_failures(service, tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_SERVE_API_KEY", service.user_key)
     steered_before = _steered_total(service)
-    code = main(["loadtest", "--url", service.base_url, "--users", "4", "--spawn-rate", "4", "--duration", "20s",
-                 "--scenario", "mixed", "--weights", "chat=1,steered=1,activations=1", "--max-tokens", "8",
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "loadtest",
+            "--url",
+            service.base_url,
+            "--users",
+            "4",
+            "--spawn-rate",
+            "4",
+            "--duration",
+            "20s",
+            "--scenario",
+            "mixed",
+            "--weights",
+            "chat=1,steered=1,activations=1",
+            "--max-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     stats = {s.name: s for s in read_stats(tmp_path)}
     assert code == 0, stats
     for name in ("chat", "chat steered", "activations", "Aggregated"):
@@ -36,8 +54,16 @@ def test_short_mixed_run_has_no_failures(service, tmp_path, monkeypatch):
 
 
 def test_load_config_round_trips_through_the_environment():
-    config = LoadConfig(scenario="steered", weights={"chat": 3, "activations": 1}, max_tokens=4, sae="toy",
-                        steer_value=2.5, top_k=3, wait_s=0.1, api_key="sk-x")
+    config = LoadConfig(
+        scenario="steered",
+        weights={"chat": 3, "activations": 1},
+        max_tokens=4,
+        sae="toy",
+        steer_value=2.5,
+        top_k=3,
+        wait_s=0.1,
+        api_key="sk-x",
+    )
     assert LoadConfig.from_env(config.to_env()) == config
     assert "sk-x" not in repr(config)
     assert LoadConfig().task_weights() == {"chat": 2, "steered": 2, "activations": 1}

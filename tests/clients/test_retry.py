@@ -19,9 +19,18 @@ from clients import (
     ServiceUnavailableError,
 )
 
-OVERLOADED = (503, {"Retry-After": "1"}, {"error": {"message": "the service is overloaded; retry later",
-                                                    "type": "service_unavailable_error", "param": None,
-                                                    "code": "overloaded"}})
+OVERLOADED = (
+    503,
+    {"Retry-After": "1"},
+    {
+        "error": {
+            "message": "the service is overloaded; retry later",
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": "overloaded",
+        }
+    },
+)
 MODELS = (200, {}, {"object": "list", "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "x"}]})
 FAST = RetryPolicy(max_attempts=3, backoff_base_s=0.01)
 
@@ -90,8 +99,7 @@ def test_attempts_are_bounded_and_the_last_error_is_raised(server):
     assert "overloaded" in e.value.message
 
 
-RATE_LIMITED = (429, {}, {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                                    "code": None}})
+RATE_LIMITED = (429, {}, {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}})
 
 
 @pytest.mark.parametrize("server", [[RATE_LIMITED, MODELS]], indirect=True)
@@ -110,22 +118,25 @@ def test_no_retry_when_disabled(server):
 
 @pytest.mark.parametrize("server", [[(503, {}, "upstream connect error")]], indirect=True)
 def test_a_non_json_error_body_becomes_the_message(server):
-    with SAEServeClient(server.url, retry=RetryPolicy(max_attempts=1)) as client, \
-            pytest.raises(ServiceUnavailableError, match="upstream connect error"):
+    with (
+        SAEServeClient(server.url, retry=RetryPolicy(max_attempts=1)) as client,
+        pytest.raises(ServiceUnavailableError, match="upstream connect error"),
+    ):
         client.health()
 
 
 STREAM = (
     'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
     '"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"}}]}\n\n'
-    ': a comment line\n\n'
+    ": a comment line\n\n"
     'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
     '"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}\n\n'
 )
 
 
-@pytest.mark.parametrize("server", [[(200, {"Content-Type": "text/event-stream"}, STREAM + "data: [DONE]\n\n")]],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "server", [[(200, {"Content-Type": "text/event-stream"}, STREAM + "data: [DONE]\n\n")]], indirect=True
+)
 def test_stream_parses_chunks_until_done(server):
     with SAEServeClient(server.url, model="m") as client:
         chunks = list(client.chat_stream("hi", max_tokens=4))
@@ -134,12 +145,15 @@ def test_stream_parses_chunks_until_done(server):
     assert len(server.seen) == 1  # the model was given, so no /v1/models lookup
 
 
-MID_STREAM_ERROR = 'data: {"error":{"message":"the engine is not running; retry shortly",' \
-                   '"type":"service_unavailable_error","param":null,"code":"engine_unavailable"}}\n\n'
+MID_STREAM_ERROR = (
+    'data: {"error":{"message":"the engine is not running; retry shortly",'
+    '"type":"service_unavailable_error","param":null,"code":"engine_unavailable"}}\n\n'
+)
 
 
-@pytest.mark.parametrize("server", [[(200, {"Content-Type": "text/event-stream"}, STREAM + MID_STREAM_ERROR)]],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "server", [[(200, {"Content-Type": "text/event-stream"}, STREAM + MID_STREAM_ERROR)]], indirect=True
+)
 async def test_error_event_mid_stream_is_raised(server):
     got = []
     async with AsyncSAEServeClient(server.url, model="m") as client:

@@ -45,8 +45,9 @@ def test_stream_matches_the_whole_answer(client):
 def test_steering_changes_greedy_output(client):
     feature = client.activations(PROMPT, saes=["toy"], top_k=1).tokens[-1].saes["toy"].top[0][0]
     plain = client.complete(PROMPT, max_tokens=12, temperature=0).text
-    steered_entry = client.complete(PROMPT, max_tokens=12, temperature=0,
-                                    steering=[SteeringEntry(sae="toy", feature=feature, value=150.0)]).text
+    steered_entry = client.complete(
+        PROMPT, max_tokens=12, temperature=0, steering=[SteeringEntry(sae="toy", feature=feature, value=150.0)]
+    ).text
     steered_text = client.complete(PROMPT, max_tokens=12, temperature=0, steering=[f"toy:{feature}=+150"]).text
     assert steered_entry == steered_text != plain
 

@@ -14,8 +14,10 @@ DOCKERFILES = {"cpu": DEPLOY / "docker" / "Dockerfile.cpu", "gpu": DEPLOY / "doc
 def instructions(path: Path) -> list[tuple[str, str]]:
     joined = re.sub(r"\\\n", " ", path.read_text())
     lines = (line.strip() for line in joined.splitlines())
-    return [(op.upper(), rest.strip()) for op, _, rest in
-            (line.partition(" ") for line in lines if line and not line.startswith("#"))]
+    return [
+        (op.upper(), rest.strip())
+        for op, _, rest in (line.partition(" ") for line in lines if line and not line.startswith("#"))
+    ]
 
 
 def args_of(path: Path) -> dict[str, str]:
@@ -43,5 +45,10 @@ def copy_sources(path: Path) -> list[str]:
 
 def pip_extras(path: Path) -> list[str]:
     """The extras of every `pip install ".[a,b]"` of the project."""
-    return [extra for op, rest in instructions(path) if op == "RUN"
-            for group in re.findall(r"\"\.\[([^\]]+)\]\"", rest) for extra in group.split(",")]
+    return [
+        extra
+        for op, rest in instructions(path)
+        if op == "RUN"
+        for group in re.findall(r"\"\.\[([^\]]+)\]\"", rest)
+        for extra in group.split(",")
+    ]

@@ -57,8 +57,11 @@ def _strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -99,10 +102,17 @@ def ray_pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def mounts(template: dict[str, Any]) -> dict[PurePosixPath, str]:
     """Mount path -> claim name of the PVC mounts of a pod template's containers."""
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-              for v in template["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
-    return {PurePosixPath(m["mountPath"]): claims[m["name"]]
-            for c in template["spec"]["containers"] for m in c.get("volumeMounts", []) if m["name"] in claims}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in template["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    return {
+        PurePosixPath(m["mountPath"]): claims[m["name"]]
+        for c in template["spec"]["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] in claims
+    }
 
 
 def claim_of(path: PurePosixPath, template: dict[str, Any]) -> str | None:

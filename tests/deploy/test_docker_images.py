@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from importlib.metadata import version
+
 import pytest
 
 from tests.deploy.dockerfiles import DOCKERFILES, args_of, copy_sources, instructions, pip_extras
@@ -56,8 +57,13 @@ def test_gpu_image_uses_the_vllm_version_the_engine_is_tested_with():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_of_an_overlay_runs_that_overlays_image(overlay):
     # Ray needs one Ray and Python version across a cluster: no mixing the CPU and GPU images.
-    images = {c["image"] for d in rendered(overlay) if d["apiVersion"].startswith("ray.io/")
-              for _, t in ray_pod_templates(d) for c in t["spec"]["containers"]}
+    images = {
+        c["image"]
+        for d in rendered(overlay)
+        if d["apiVersion"].startswith("ray.io/")
+        for _, t in ray_pod_templates(d)
+        for c in t["spec"]["containers"]
+    }
     assert images == {f"sae-serve:{PYPROJECT['project']['version']}-{overlay}"}
     assert f"-t sae-serve:{PYPROJECT['project']['version']}-{overlay} ." in DOCKERFILES[overlay].read_text()
 

@@ -68,7 +68,8 @@ def test_everything_the_job_writes_lands_on_the_registry_pvc_on_every_pod():
 def test_job_cluster_has_the_cpus_the_train_workers_ask_for():
     cfg = trainer_config()
     spec = rayjob()["spec"]
-    worker_cpus = sum(float(g["rayStartParams"]["num-cpus"]) * g["maxReplicas"]
-                      for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+    worker_cpus = sum(
+        float(g["rayStartParams"]["num-cpus"]) * g["maxReplicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert cfg.run.num_workers * cfg.run.cpus_per_worker < worker_cpus
     assert spec["suspend"] is True and spec["shutdownAfterJobFinishes"] is True

@@ -11,7 +11,14 @@ import pytest
 import yaml
 
 from tests.deploy.k8s_manifests import (
-    CRDS, K8S, KUBERNETES_VERSION, OVERLAYS, crd_errors, kustomize, one, ray_pod_templates, rendered,
+    K8S,
+    KUBERNETES_VERSION,
+    OVERLAYS,
+    crd_errors,
+    kustomize,
+    one,
+    ray_pod_templates,
+    rendered,
 )
 
 
@@ -70,8 +77,11 @@ def test_kubernetes_validation_catches_a_misspelt_pod_field():
     bad = copy.deepcopy(template)
     bad["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
-                                      "template": bad}, KUBERNETES_VERSION, strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": bad},
+            KUBERNETES_VERSION,
+            strict=True,
+        )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -111,15 +121,30 @@ def test_secret_holds_placeholders_only_and_a_user_overlay_replaces_it(tmp_path)
     assert secret["stringData"] == {"SAE_SERVE_API_KEYS": "", "SAE_SERVE_ADMIN_KEYS": ""}
     # The documented way to supply real keys (docs/deploy.md): an overlay of one's own with a secretGenerator.
     (tmp_path / "keys.env").write_text("SAE_SERVE_API_KEYS=sk-user-a,sk-user-b\nSAE_SERVE_ADMIN_KEYS=sk-admin\n")
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],  # kustomize wants relative
-        "secretGenerator": [{"name": "sae-serve-api-keys", "behavior": "replace", "envs": ["keys.env"],
-                             "options": {"disableNameSuffixHash": True}}],
-    }))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],  # kustomize wants relative
+                "secretGenerator": [
+                    {
+                        "name": "sae-serve-api-keys",
+                        "behavior": "replace",
+                        "envs": ["keys.env"],
+                        "options": {"disableNameSuffixHash": True},
+                    }
+                ],
+            }
+        )
+    )
     docs = kustomize(tmp_path)
     replaced = one(docs, "Secret", "sae-serve-api-keys")
     assert "stringData" not in replaced and set(replaced["data"]) == {"SAE_SERVE_API_KEYS", "SAE_SERVE_ADMIN_KEYS"}
-    refs = {ref["secretRef"]["name"] for _, t in ray_pod_templates(one(docs, "RayService"))
-            for c in t["spec"]["containers"] for ref in c.get("envFrom", [])}
+    refs = {
+        ref["secretRef"]["name"]
+        for _, t in ray_pod_templates(one(docs, "RayService"))
+        for c in t["spec"]["containers"]
+        for ref in c.get("envFrom", [])
+    }
     assert refs == {"sae-serve-api-keys"}

@@ -11,20 +11,36 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve.launch.app import check_binding
-from serve.http.auth import KeyStore
 from serve.config import ServiceConfig, service_args
+from serve.http.auth import KeyStore
+from serve.launch.app import check_binding
 from tests.deploy.k8s_manifests import (
-    DEPLOY, IMAGE_APP_DIR, K8S, OVERLAYS, REPO, claim_of, one, ray_pod_templates, rendered,
+    DEPLOY,
+    IMAGE_APP_DIR,
+    K8S,
+    OVERLAYS,
+    REPO,
+    claim_of,
+    one,
+    ray_pod_templates,
+    rendered,
 )
 
 BASE_CHANGES = {("http_options", "host"), ("args", "host"), ("args", "direct_ingress"), ("args", "sae_registry")}
 DOCUMENTED_CHANGES = {
     "cpu": BASE_CHANGES | {("args", "engine", "saes"), ("args", "model", "autoscaling")},
-    "gpu": BASE_CHANGES | {("args", "served_model_name"), ("args", "engine", "model"), ("args", "engine", "dtype"),
-                           ("args", "engine", "max_model_len"), ("args", "engine", "kv_cache_gib"),
-                           ("args", "engine", "saes"), ("args", "model", "num_cpus"), ("args", "model", "num_gpus"),
-                           ("args", "model", "autoscaling")},
+    "gpu": BASE_CHANGES
+    | {
+        ("args", "served_model_name"),
+        ("args", "engine", "model"),
+        ("args", "engine", "dtype"),
+        ("args", "engine", "max_model_len"),
+        ("args", "engine", "kv_cache_gib"),
+        ("args", "engine", "saes"),
+        ("args", "model", "num_cpus"),
+        ("args", "model", "num_gpus"),
+        ("args", "model", "autoscaling"),
+    },
 }
 """Where an overlay's Serve config may differ from the local one: the list in docs/deploy.md."""
 
@@ -75,7 +91,8 @@ def test_generated_patches_are_up_to_date():
     for overlay in OVERLAYS:
         patch = K8S / "overlays" / overlay / generator.PATCH_FILE
         assert patch.read_text() == generator.patch_text(overlay), (
-            f"{patch} is stale: run `python deploy/k8s/serve_config.py`")
+            f"{patch} is stale: run `python deploy/k8s/serve_config.py`"
+        )
     assert generator.main(["--check"]) == 0
 
 
@@ -84,7 +101,7 @@ def test_rayservice_runs_the_local_config_with_only_documented_changes(overlay):
     deployed = embedded_config(overlay)
     assert deployed == generator.overlay_serve_config(overlay)
     changed = changed_paths(local_config(), deployed)
-    undocumented = {p for p in changed if not any(p[:len(d)] == d for d in DOCUMENTED_CHANGES[overlay])}
+    undocumented = {p for p in changed if not any(p[: len(d)] == d for d in DOCUMENTED_CHANGES[overlay])}
     assert not undocumented, f"{overlay} changes undocumented Serve config keys: {sorted(undocumented)}"
     # Everything else (engine bounds, limits, auth env names, deployments' queues, import path) is the local value.
     assert ("application", "import_path") not in changed and ("args", "auth", "api_keys_env") not in changed
@@ -168,4 +185,7 @@ def test_cluster_fits_the_serve_config(overlay):
 def test_overlays_differ_only_where_intended():
     cpu, gpu = (embedded_config(o) for o in OVERLAYS)
     assert gpu["applications"][0]["args"]["engine"]["model"] == "/models/Llama-3.1-8B-Instruct"
-    assert cpu["applications"][0]["args"]["engine"]["model"] == local_config()["applications"][0]["args"]["engine"]["model"]
+    assert (
+        cpu["applications"][0]["args"]["engine"]["model"]
+        == local_config()["applications"][0]["args"]["engine"]["model"]
+    )

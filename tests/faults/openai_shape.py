@@ -12,13 +12,16 @@ def openai_error(body: object) -> dict | None:
     err = body["error"]
     if set(err) != ERROR_KEYS or not isinstance(err["message"], str) or not err["message"]:
         return None
-    if not isinstance(err["type"], str) or not all(err[k] is None or isinstance(err[k], str) for k in ("param", "code")):
+    if not isinstance(err["type"], str) or not all(
+        err[k] is None or isinstance(err[k], str) for k in ("param", "code")
+    ):
         return None
     return err
 
 
 def assert_clean_4xx(response, status: int | None = None) -> dict:
-    """`response` (httpx or schemathesis) is a 4xx (or exactly `status`) in the OpenAI error shape; returns the error."""
+    """`response` (httpx or schemathesis) is a 4xx (or exactly `status`) in the OpenAI error shape; returns the
+    error."""
     code = response.status_code
     assert 400 <= code < 500, f"{code}: {response.text[:500]}"
     if status is not None:

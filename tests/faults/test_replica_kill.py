@@ -73,8 +73,9 @@ async def _refused(r: httpx.Response) -> str:
 
 
 async def _completion(client: httpx.AsyncClient) -> str:
-    r = await client.post("/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time",
-                                                     "max_tokens": 64})
+    r = await client.post(
+        "/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 64}
+    )
     return "ok" if r.status_code == 200 else await _refused(r)
 
 
@@ -102,8 +103,10 @@ async def _kill_under_load(service, pid: int) -> tuple[list[str], list[str]]:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(t.result() == "down" for t in done):
                 break
-        sent_while_down = [asyncio.create_task(_bounded(_stream(client, asyncio.Event()))),
-                           asyncio.create_task(_bounded(_completion(client)))]
+        sent_while_down = [
+            asyncio.create_task(_bounded(_stream(client, asyncio.Event()))),
+            asyncio.create_task(_bounded(_completion(client))),
+        ]
         return list(await asyncio.gather(*in_flight)), list(await asyncio.gather(*sent_while_down))
 
 
@@ -138,6 +141,13 @@ def test_killed_model_replica_gives_clean_503s_and_recovers(service, record_prop
         r = http.post("/v1/chat/completions", json={"model": service.model, "messages": STORY, "max_tokens": 8})
         assert r.status_code == 200, r.text
         assert [s["id"] for s in http.get("/v1/saes").json()["data"]] == ["toy"]
-        steered = http.post("/v1/completions", json={"model": service.model, "prompt": "The sea", "max_tokens": 4,
-                                                     "steering": [{"sae": "toy", "feature": 1, "value": 4.0}]})
+        steered = http.post(
+            "/v1/completions",
+            json={
+                "model": service.model,
+                "prompt": "The sea",
+                "max_tokens": 4,
+                "steering": [{"sae": "toy", "feature": 1, "value": 4.0}],
+            },
+        )
         assert steered.status_code == 200, steered.text

@@ -78,7 +78,8 @@ def _aim_at_the_service(case, model: str) -> None:
     if isinstance(body.get("saes"), list):
         body["saes"] = ["toy"] * len(body["saes"])
     if isinstance(body.get("features"), dict):
-        body["features"] = {"toy": v for v in body["features"].values()}
+        values = list(body["features"].values())
+        body["features"] = {"toy": values[-1]} if values else {}
     for entry in body.get("steering") or []:
         if isinstance(entry, dict) and "sae" in entry:
             entry["sae"] = "toy"
@@ -107,8 +108,14 @@ def test_generated_requests_get_no_5xx_and_openai_shaped_4xx(service, api_schema
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
     seen: dict[int, int] = {}
 
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=cases, aimed=st.booleans())
     def check(case, aimed):
         if aimed:
@@ -130,6 +137,8 @@ def test_generated_requests_get_no_5xx_and_openai_shaped_4xx(service, api_schema
 def test_the_service_is_as_the_fuzzing_found_it(service):
     with service.http() as http:
         assert [s["id"] for s in http.get("/v1/saes").json()["data"]] == ["toy"]
-        r = http.post("/v1/chat/completions", json={"model": service.model, "max_tokens": 4,
-                                                     "messages": [{"role": "user", "content": "Hi"}]})
+        r = http.post(
+            "/v1/chat/completions",
+            json={"model": service.model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]},
+        )
         assert r.status_code == 200, r.text

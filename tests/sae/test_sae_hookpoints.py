@@ -7,6 +7,8 @@ from torch import nn
 from sae import SAEConfig, SparseAutoencoder, validate_for_model
 from sae.hookpoints import SITES, HookPoint, hf_module_and_output
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 torch.set_num_threads(1)
 
 
@@ -16,9 +18,21 @@ def test_parse_and_format(name):
     assert str(hp) == name and hp.site in SITES
 
 
-@pytest.mark.parametrize("bad", ["", "blocks.1", "blocks.-1.resid_post", "blocks.01.resid_post",
-                                 "blocks.1.resid_pre", "blocks.1.hook_resid_post", "layers.1.resid_post",
-                                 "blocks.1.resid_post ", "blocks.x.mlp_out", None])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "blocks.1",
+        "blocks.-1.resid_post",
+        "blocks.01.resid_post",
+        "blocks.1.resid_pre",
+        "blocks.1.hook_resid_post",
+        "layers.1.resid_post",
+        "blocks.1.resid_post ",
+        "blocks.x.mlp_out",
+        None,
+    ],
+)
 def test_parse_rejects(bad):
     with pytest.raises(ValueError):
         HookPoint.parse(bad)
@@ -35,19 +49,23 @@ def test_constructor_validates_and_is_frozen():
     assert hp == HookPoint.parse("blocks.3.attn_out") and len({hp, HookPoint(3, "attn_out")}) == 1
 
 
-@pytest.mark.parametrize(("tl", "ours"), [
-    ("blocks.7.hook_resid_post", "blocks.7.resid_post"),
-    ("blocks.7.hook_attn_out", "blocks.7.attn_out"),
-    ("blocks.7.hook_mlp_out", "blocks.7.mlp_out"),
-    ("blocks.7.hook_resid_pre", "blocks.6.resid_post"),
-    ("blocks.7.mlp_out", "blocks.7.mlp_out"),
-])
+@pytest.mark.parametrize(
+    ("tl", "ours"),
+    [
+        ("blocks.7.hook_resid_post", "blocks.7.resid_post"),
+        ("blocks.7.hook_attn_out", "blocks.7.attn_out"),
+        ("blocks.7.hook_mlp_out", "blocks.7.mlp_out"),
+        ("blocks.7.hook_resid_pre", "blocks.6.resid_post"),
+        ("blocks.7.mlp_out", "blocks.7.mlp_out"),
+    ],
+)
 def test_from_transformer_lens(tl, ours):
     assert str(HookPoint.from_transformer_lens(tl)) == ours
 
 
-@pytest.mark.parametrize("tl", ["blocks.0.hook_resid_pre", "blocks.3.hook_resid_mid", "blocks.3.attn.hook_z",
-                                "hook_embed"])
+@pytest.mark.parametrize(
+    "tl", ["blocks.0.hook_resid_pre", "blocks.3.hook_resid_mid", "blocks.3.attn.hook_z", "hook_embed"]
+)
 def test_from_transformer_lens_rejects(tl):
     with pytest.raises(ValueError):
         HookPoint.from_transformer_lens(tl)

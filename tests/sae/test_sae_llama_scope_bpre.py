@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 
 from sae import detect_format, load_sae
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 torch.set_num_threads(1)
 D, N = 8, 20  # d_model, d_sae
 
@@ -20,6 +22,7 @@ def _x(seed=5):
 
 # ---------------------------------------------------------------- Llama Scope
 
+
 def _llama_scope(folder, *, hp=None, weights_at="checkpoints/final.safetensors", seed=0, extra=None):
     torch.manual_seed(seed)
     w = {
@@ -30,10 +33,17 @@ def _llama_scope(folder, *, hp=None, weights_at="checkpoints/final.safetensors",
         **(extra or {}),
     }
     params = {
-        "d_model": D, "d_sae": N, "act_fn": "jumprelu", "jump_relu_threshold": 0.8, "top_k": 5,
-        "hook_point_in": "blocks.9.hook_resid_post", "hook_point_out": "blocks.9.hook_resid_post",
-        "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": 6.5, "out": 6.5},
-        "use_decoder_bias": True, "apply_decoder_bias_to_pre_encoder": False,
+        "d_model": D,
+        "d_sae": N,
+        "act_fn": "jumprelu",
+        "jump_relu_threshold": 0.8,
+        "top_k": 5,
+        "hook_point_in": "blocks.9.hook_resid_post",
+        "hook_point_out": "blocks.9.hook_resid_post",
+        "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": 6.5, "out": 6.5},
+        "use_decoder_bias": True,
+        "apply_decoder_bias_to_pre_encoder": False,
         **(hp or {}),
     }
     folder.mkdir(parents=True)
@@ -59,11 +69,14 @@ def _lm_saes_reference(params, w, x):
     return acts, (acts @ w["decoder.weight"].T + w["decoder.bias"]) / s
 
 
-@pytest.mark.parametrize("hp", [
-    {},
-    {"sparsity_include_decoder_norm": False},
-    {"apply_decoder_bias_to_pre_encoder": True},
-])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {},
+        {"sparsity_include_decoder_norm": False},
+        {"apply_decoder_bias_to_pre_encoder": True},
+    ],
+)
 def test_llama_scope_matches_lm_saes(tmp_path, hp):
     params, w = _llama_scope(tmp_path / "L9R", hp=hp)
     assert detect_format(tmp_path / "L9R") == "llama_scope"
@@ -82,8 +95,12 @@ def test_llama_scope_matches_lm_saes(tmp_path, hp):
 def test_llama_scope_log_threshold_and_loose_weights_file(tmp_path):
     torch.manual_seed(3)
     extra = {"log_jumprelu_threshold": torch.randn(N) * 0.3 - 0.5}
-    params, w = _llama_scope(tmp_path / "s", weights_at="sae_weights.safetensors", extra=extra,
-                             hp={"hook_point_in": "blocks.2.hook_attn_out", "hook_point_out": "blocks.2.hook_attn_out"})
+    params, w = _llama_scope(
+        tmp_path / "s",
+        weights_at="sae_weights.safetensors",
+        extra=extra,
+        hp={"hook_point_in": "blocks.2.hook_attn_out", "hook_point_out": "blocks.2.hook_attn_out"},
+    )
     ours = load_sae(tmp_path / "s")
     assert ours.cfg.hook_point == "blocks.2.attn_out"
     ref_acts, ref_out = _lm_saes_reference(params, w, _x())
@@ -108,13 +125,16 @@ def test_llama_scope_inference_norm_and_no_decoder_bias(tmp_path):
     assert ours.cfg.input_scale == 1.0 and torch.equal(ours.b_dec, torch.zeros(D))
 
 
-@pytest.mark.parametrize(("hp", "message"), [
-    ({"hook_point_out": "blocks.9.hook_mlp_out"}, "transcoders"),
-    ({"norm_activation": "token-wise"}, "norm_activation"),
-    ({"dataset_average_activation_norm": {"in": 6.5, "out": 3.0}}, "different input and output norms"),
-    ({"act_fn": "gelu"}, "act_fn"),
-    ({"act_fn": "topk"}, "act_fn"),
-])
+@pytest.mark.parametrize(
+    ("hp", "message"),
+    [
+        ({"hook_point_out": "blocks.9.hook_mlp_out"}, "transcoders"),
+        ({"norm_activation": "token-wise"}, "norm_activation"),
+        ({"dataset_average_activation_norm": {"in": 6.5, "out": 3.0}}, "different input and output norms"),
+        ({"act_fn": "gelu"}, "act_fn"),
+        ({"act_fn": "topk"}, "act_fn"),
+    ],
+)
 def test_llama_scope_unsupported(tmp_path, hp, message):
     _llama_scope(tmp_path / "s", hp=hp)
     with pytest.raises(ValueError, match=message):
@@ -122,6 +142,7 @@ def test_llama_scope_unsupported(tmp_path, hp, message):
 
 
 # ---------------------------------------------------------------- b_pre TopK
+
 
 def _b_pre(folder, *, config=None, config_name="config.json", seed=0, layout="linear", extra=None):
     torch.manual_seed(seed)
@@ -131,8 +152,13 @@ def _b_pre(folder, *, config=None, config_name="config.json", seed=0, layout="li
     if layout == "linear":
         w = {"b_pre": ref["b_pre"], "encoder.weight": enc, "b_enc": ref["b_enc"], "decoder.weight": dec}
     else:  # matrices stored the other way round, bias split over latent_bias + an nn.Linear encoder bias
-        w = {"pre_bias": ref["b_pre"], "W_enc": enc.T.contiguous(), "latent_bias": ref["b_enc"] - 0.25,
-             "encoder.bias": torch.full((N,), 0.25), "W_dec": dec.T.contiguous()}
+        w = {
+            "pre_bias": ref["b_pre"],
+            "W_enc": enc.T.contiguous(),
+            "latent_bias": ref["b_enc"] - 0.25,
+            "encoder.bias": torch.full((N,), 0.25),
+            "W_dec": dec.T.contiguous(),
+        }
     w.update(extra or {})
     folder.mkdir(parents=True)
     save_file(w, str(folder / "model.safetensors"))
@@ -149,8 +175,11 @@ def _openai_reference(ref, x, k=4):
 
 @pytest.mark.parametrize("layout", ["linear", "matrices"])
 def test_b_pre_matches_formula(tmp_path, layout):
-    ref = _b_pre(tmp_path / "s", layout=layout, config={"hook_point": "blocks.23.hook_resid_post",
-                                                        "model": "meta-llama/Llama-3.2-3B"})
+    ref = _b_pre(
+        tmp_path / "s",
+        layout=layout,
+        config={"hook_point": "blocks.23.hook_resid_post", "model": "meta-llama/Llama-3.2-3B"},
+    )
     assert detect_format(tmp_path / "s") == "b_pre"
     ours = load_sae(tmp_path / "s")
     cfg = ours.cfg
@@ -169,13 +198,16 @@ def test_b_pre_any_single_json_and_zero_h_bias(tmp_path):
     torch.testing.assert_close(ours.encode(_x()), _openai_reference(ref, _x())[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"extra": {"h_bias": torch.ones(N)}}, "h_bias"),
-    ({"extra": {"decoder.bias": torch.ones(D)}}, "decoder.bias"),
-    ({"config": {"n_latents": N + 1}}, "n_latents=21 but the weights have 20"),
-    ({"config": {"normalize": True}}, "normalisation"),
-    ({"extra": {"W_enc": torch.zeros(N, D)}}, "exactly one of 'encoder.weight', 'W_enc'"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"extra": {"h_bias": torch.ones(N)}}, "h_bias"),
+        ({"extra": {"decoder.bias": torch.ones(D)}}, "decoder.bias"),
+        ({"config": {"n_latents": N + 1}}, "n_latents=21 but the weights have 20"),
+        ({"config": {"normalize": True}}, "normalisation"),
+        ({"extra": {"W_enc": torch.zeros(N, D)}}, "exactly one of 'encoder.weight', 'W_enc'"),
+    ],
+)
 def test_b_pre_rejects(tmp_path, kw, message):
     _b_pre(tmp_path / "s", **kw)
     with pytest.raises(ValueError, match=message):

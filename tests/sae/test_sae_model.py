@@ -6,6 +6,8 @@ import torch
 import sae
 from sae import SAEConfig, SparseAutoencoder
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 torch.set_num_threads(1)
 
 W_ENC = [[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]]  # [d_in=2, d_sae=3]
@@ -16,8 +18,14 @@ X = torch.tensor([[1.0, 2.0], [-1.0, 0.0]])  # [2, d_in]
 
 
 def tiny(architecture="relu", **kw) -> SparseAutoencoder:
-    cfg = SAEConfig(d_in=2, d_sae=3, architecture=architecture, hook_point="blocks.0.resid_post",
-                    b_dec_in_encoder=kw.pop("b_dec_in_encoder", False), **kw)
+    cfg = SAEConfig(
+        d_in=2,
+        d_sae=3,
+        architecture=architecture,
+        hook_point="blocks.0.resid_post",
+        b_dec_in_encoder=kw.pop("b_dec_in_encoder", False),
+        **kw,
+    )
     m = SparseAutoencoder(cfg)
     with torch.no_grad():
         m.W_enc.copy_(torch.tensor(W_ENC))
@@ -90,8 +98,9 @@ def test_encode_topk():
 @pytest.mark.parametrize("b_dec_in_encoder", [False, True])
 def test_folded_encoder_matches_pre_acts(b_dec_in_encoder):
     torch.manual_seed(0)
-    cfg = SAEConfig(d_in=6, d_sae=10, architecture="relu", hook_point="", input_scale=0.37,
-                    b_dec_in_encoder=b_dec_in_encoder)
+    cfg = SAEConfig(
+        d_in=6, d_sae=10, architecture="relu", hook_point="", input_scale=0.37, b_dec_in_encoder=b_dec_in_encoder
+    )
     m = SparseAutoencoder(cfg)
     with torch.no_grad():
         for p in m.parameters():
@@ -123,8 +132,16 @@ def test_registry_and_custom_architecture():
 
 
 def test_config_dict_round_trip_and_validation():
-    cfg = SAEConfig(d_in=4, d_sae=8, architecture="topk", hook_point="blocks.1.mlp_out", model="m", k=3,
-                    input_scale=2, metadata={"fvu": 0.1})
+    cfg = SAEConfig(
+        d_in=4,
+        d_sae=8,
+        architecture="topk",
+        hook_point="blocks.1.mlp_out",
+        model="m",
+        k=3,
+        input_scale=2,
+        metadata={"fvu": 0.1},
+    )
     assert SAEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown SAEConfig keys: bogus, extra"):
         SAEConfig.from_dict({**cfg.to_dict(), "bogus": 1, "extra": 2})

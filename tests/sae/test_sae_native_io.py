@@ -9,14 +9,24 @@ from safetensors.torch import save_file
 
 from sae import SAEConfig, SparseAutoencoder, detect_format, load_sae, save_sae
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 torch.set_num_threads(1)
 
 
 def random_sae(architecture="jumprelu", seed=0, **kw) -> SparseAutoencoder:
     torch.manual_seed(seed)
     k = kw.pop("k", 3 if architecture in ("topk", "batchtopk") else None)
-    cfg = SAEConfig(d_in=6, d_sae=12, architecture=architecture, hook_point="blocks.2.resid_post",
-                    model="tiny", k=k, metadata={"fvu": 0.25, "notes": ["a", "b"]}, **kw)
+    cfg = SAEConfig(
+        d_in=6,
+        d_sae=12,
+        architecture=architecture,
+        hook_point="blocks.2.resid_post",
+        model="tiny",
+        k=k,
+        metadata={"fvu": 0.25, "notes": ["a", "b"]},
+        **kw,
+    )
     m = SparseAutoencoder(cfg)
     with torch.no_grad():
         for p in m.parameters():

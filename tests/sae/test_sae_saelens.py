@@ -17,6 +17,8 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig  # noqa: E402
 
 from sae import detect_format, load_sae  # noqa: E402
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 torch.set_num_threads(1)
 D_IN, D_SAE = 8, 24
 
@@ -46,8 +48,9 @@ def _compare(ref, ours, scale=1.0, atol=1e-5):
 
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_standard(tmp_path, apply_b_dec):
-    ref = _randomise(StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec,
-                                                   metadata=_meta())))
+    ref = _randomise(
+        StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec, metadata=_meta()))
+    )
     ref.save_model(tmp_path)
     assert detect_format(tmp_path) == "saelens"
     ours = load_sae(tmp_path)
@@ -58,8 +61,17 @@ def test_standard(tmp_path, apply_b_dec):
 
 @pytest.mark.parametrize("rescale", [False, True])
 def test_topk(tmp_path, rescale):
-    ref = _randomise(TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, rescale_acts_by_decoder_norm=rescale,
-                                           metadata=_meta("blocks.2.hook_mlp_out"))))
+    ref = _randomise(
+        TopKSAE(
+            TopKSAEConfig(
+                d_in=D_IN,
+                d_sae=D_SAE,
+                k=5,
+                rescale_acts_by_decoder_norm=rescale,
+                metadata=_meta("blocks.2.hook_mlp_out"),
+            )
+        )
+    )
     ref.save_model(tmp_path)
     ours = load_sae(tmp_path)
     assert (ours.cfg.architecture, ours.cfg.k, ours.cfg.hook_point) == ("topk", 5, "blocks.2.mlp_out")
@@ -93,8 +105,13 @@ def test_batchtopk_training_and_inference_checkpoints(tmp_path):
 
 
 def test_expected_average_norm_uses_scaler_file(tmp_path):
-    ref = _randomise(StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=_meta(),
-                                                   normalize_activations="expected_average_only_in")))
+    ref = _randomise(
+        StandardSAE(
+            StandardSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, metadata=_meta(), normalize_activations="expected_average_only_in"
+            )
+        )
+    )
     ref.save_model(tmp_path)
     with pytest.raises(ValueError, match="no scaling factor"):
         load_sae(tmp_path)
@@ -105,7 +122,9 @@ def test_expected_average_norm_uses_scaler_file(tmp_path):
 
 
 def test_unconvertible_hook_kept_verbatim(tmp_path):
-    StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=_meta("blocks.0.hook_resid_pre"))).save_model(tmp_path)
+    StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=_meta("blocks.0.hook_resid_pre"))).save_model(
+        tmp_path
+    )
     ours = load_sae(tmp_path)
     assert ours.cfg.hook_point == "blocks.0.hook_resid_pre"
     assert load_sae(tmp_path, hook_point="blocks.0.resid_post").cfg.hook_point == "blocks.0.resid_post"

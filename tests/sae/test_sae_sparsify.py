@@ -13,6 +13,8 @@ from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 
 from sae import detect_format, load_sae  # noqa: E402
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 torch.set_num_threads(1)
 D_IN = 8
 

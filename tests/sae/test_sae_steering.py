@@ -10,6 +10,8 @@ from sae import load_sae
 from sae.steering import FoldedSAE, SteeringTable, SteerOp, steering_delta
 from tests.helpers import make_random_sae
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 
 def dense_delta(sae: FoldedSAE, t: SteeringTable, x: torch.Tensor) -> torch.Tensor:  # [n, d_in]
     pre = x @ sae.W_enc + sae.b_enc  # [n, d_sae]
@@ -50,8 +52,12 @@ def test_nothing_steered_is_exactly_zero(tmp_path):
     make_random_sae(tmp_path, "blocks.3.resid_post", "topk", d_in=64, d_sae=512, k=16, seed=3)
     sae = FoldedSAE.build(load_sae(tmp_path), torch.device("cpu"))
     x = torch.randn(5, 64)
-    table = SteeringTable(torch.tensor([1, 2]), torch.tensor([int(SteerOp.CLAMP), int(SteerOp.ADD)]),
-                          torch.tensor([3.0, 4.0]), torch.zeros(5, 2))
+    table = SteeringTable(
+        torch.tensor([1, 2]),
+        torch.tensor([int(SteerOp.CLAMP), int(SteerOp.ADD)]),
+        torch.tensor([3.0, 4.0]),
+        torch.zeros(5, 2),
+    )
     assert torch.equal(steering_delta(sae, table, x), torch.zeros(5, 64))
 
 

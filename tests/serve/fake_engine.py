@@ -62,8 +62,14 @@ class FakeEngine:
     turns False and every later call raises `EngineUnavailable` too. `kill()` kills it at once.
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, script: str = DEFAULT_SCRIPT,
-                 token_delay_s: float = 0.0, die_after: int | None = None):
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        script: str = DEFAULT_SCRIPT,
+        token_delay_s: float = 0.0,
+        die_after: int | None = None,
+    ):
         self.config = config or EngineConfig()
         self.model_dir = model_dir()
         self.d_model = D_MODEL
@@ -183,16 +189,20 @@ class FakeEngine:
                 logprobs = None
                 if sampling.logprobs is not None:
                     logprobs = [{tid: -0.25, (tid + 1) % 49152: -1.5}]
-                outputs = [OutputDelta(index=j, text=text, token_ids=[tid], logprobs=logprobs, finish_reason=reason)
-                           for j in range(sampling.n)]
-                update = GenerationUpdate(request_id=request_id, prompt_token_ids=prompt_ids, outputs=outputs,
-                                          finished=last)
+                outputs = [
+                    OutputDelta(index=j, text=text, token_ids=[tid], logprobs=logprobs, finish_reason=reason)
+                    for j in range(sampling.n)
+                ]
+                update = GenerationUpdate(
+                    request_id=request_id, prompt_token_ids=prompt_ids, outputs=outputs, finished=last
+                )
                 if last and capture is not None:
                     generated = [t for t, _ in steps]
                     update.captures = _fake_captures(capture, self._saes, prompt_ids, generated)
                 if last and steering:
-                    update.steering_report = _report(steering, _fake_rows(steering, len(prompt_ids), len(steps),
-                                                                          sampling.n), len(steps) > 1)
+                    update.steering_report = _report(
+                        steering, _fake_rows(steering, len(prompt_ids), len(steps), sampling.n), len(steps) > 1
+                    )
                 finished = last
                 yield update
         finally:
@@ -213,8 +223,9 @@ def _fake_rows(steering: list[SteeringEntry], n_prompt: int, n_generated: int, n
     return {"rows": {i: per[e.positions] * n for i, e in enumerate(steering)}, "missing": []}
 
 
-def _fake_captures(capture: CaptureSpec, saes: dict[str, SAEMeta], prompt: list[int],
-                   generated: list[int]) -> dict[str, dict[str, list]]:
+def _fake_captures(
+    capture: CaptureSpec, saes: dict[str, SAEMeta], prompt: list[int], generated: list[int]
+) -> dict[str, dict[str, list]]:
     """Captures in the worker's layout: per SAE, positions read and per position top and selected feature values.
     The last generated token is never read by the model, so it has no row."""
     n_positions = len(prompt) + (max(len(generated) - 1, 0) if capture.include_generated else 0)

@@ -16,8 +16,8 @@ import pytest_asyncio
 import torch
 
 from sae import load_sae
-from serve.engine.engine import SAEEngine, Sampling
 from serve.engine.config import EngineConfig
+from serve.engine.engine import SAEEngine, Sampling
 from serve.errors import SpecError
 from serve.specs import CaptureSpec, SteeringEntry
 from tests.helpers import make_random_sae
@@ -148,7 +148,10 @@ async def test_mixed_batch_matches_runs_alone(engine):
         [],
         [SteeringEntry(sae="r15", feature=f15, value=80.0)],
         [],
-        [SteeringEntry(sae="t10", feature=f10, value=100.0, op="clamp"), SteeringEntry(sae="j5m", feature=3, value=50.0)],
+        [
+            SteeringEntry(sae="t10", feature=f10, value=100.0, op="clamp"),
+            SteeringEntry(sae="j5m", feature=3, value=50.0),
+        ],
         [SteeringEntry(sae="r15", feature=f15 + 1, value=-80.0, op="add", positions="generated")],
         [SteeringEntry(sae="t10", feature=f10, value=100.0, op="h_bias")],
     ]
@@ -176,13 +179,17 @@ async def test_concurrent_captures_match_alone(engine):
             # The last generated token is never fed back through the model, so it has no activation row.
             assert a.per_sae[sid]["positions"] == list(range(len(a.token_ids) - 1))
             assert a.per_sae[sid]["top_indices"] == b.per_sae[sid]["top_indices"]
-            torch.testing.assert_close(torch.tensor(a.per_sae[sid]["top_values"]), torch.tensor(b.per_sae[sid]["top_values"]))
+            torch.testing.assert_close(
+                torch.tensor(a.per_sae[sid]["top_values"]), torch.tensor(b.per_sae[sid]["top_values"])
+            )
 
 
 async def test_zero_spec_leaves_output_unchanged(engine):
     sampling = Sampling(max_tokens=8, temperature=0.0, prompt_logprobs=0)
     base, _, base_lp, _ = await run(engine, PROMPT, [], sampling)
-    res = await engine.activations(PROMPT, CaptureSpec(saes=["t10"], top_k=16), sampling=Sampling(max_tokens=8, temperature=0.0))
+    res = await engine.activations(
+        PROMPT, CaptureSpec(saes=["t10"], top_k=16), sampling=Sampling(max_tokens=8, temperature=0.0)
+    )
     fired = {i for row in res.per_sae["t10"]["top_indices"] for i in row}
     silent = next(i for i in range(512) if i not in fired)
     f15, _ = await top_feature(engine, "r15")
@@ -274,14 +281,18 @@ async def test_steering_report_counts_the_rows_each_entry_steered(engine, positi
     # A prompt of its own per case: a steered spec's KV is shared by equal specs, and cached rows are not recomputed.
     prompt = f"Report case {positions}: the capital of Italy is"
     sampling = Sampling(max_tokens=5, temperature=0.0, ignore_eos=True)
-    steering = [SteeringEntry(sae="r15", feature=3, value=2.0, positions=positions),
-                SteeringEntry(sae="t10", feature=1, value=1.0, op="clamp", positions=positions)]
+    steering = [
+        SteeringEntry(sae="r15", feature=3, value=2.0, positions=positions),
+        SteeringEntry(sae="t10", feature=1, value=1.0, op="clamp", positions=positions),
+    ]
     tokens, prompt_len, report = await report_of(engine, prompt, steering, sampling)
     # Each generated token but the last is fed back through the model in a decode step.
     expected = {"all": prompt_len + len(tokens) - 1, "prompt": prompt_len, "generated": len(tokens) - 1}[positions]
     assert len(tokens) == 5
     assert [(r.index, r.sae, r.steered_tokens, r.status) for r in report] == [
-        (0, "r15", expected, "applied"), (1, "t10", expected, "applied")]
+        (0, "r15", expected, "applied"),
+        (1, "t10", expected, "applied"),
+    ]
 
 
 async def test_generated_entry_of_a_one_token_answer_reports_no_tokens(engine):

@@ -11,8 +11,8 @@ import pytest_asyncio
 import torch
 from safetensors.torch import save_file
 
-from serve.engine.engine import SAEEngine, Sampling
 from serve.engine.config import EngineConfig
+from serve.engine.engine import SAEEngine, Sampling
 from serve.engine.model_files import embedded_model_dir
 from serve.specs import CaptureSpec, SteeringEntry
 from tests.helpers import make_random_sae
@@ -109,7 +109,12 @@ async def _tokens(engine, steering=()):
 
 async def test_foreign_model_and_sae_steer_and_capture_in_bf16(tiny_engine, tmp_path):
     (meta,) = tiny_engine.saes()
-    assert (meta.hook_point, meta.d_in, meta.d_sae, meta.architecture) == ("blocks.2.resid_post", D_MODEL, D_SAE, "jumprelu")
+    assert (meta.hook_point, meta.d_in, meta.d_sae, meta.architecture) == (
+        "blocks.2.resid_post",
+        D_MODEL,
+        D_SAE,
+        "jumprelu",
+    )
     assert (tiny_engine.d_model, tiny_engine.n_layers) == (D_MODEL, N_LAYERS)
     assert tiny_engine.steering_refused is None  # the probe at blocks.2.resid_post passed
     res = await tiny_engine.activations("Hello there, how are", CaptureSpec(saes=["l2r"], top_k=4))

@@ -30,8 +30,16 @@ async def faulty_engine(tmp_path_factory):
     make_random_sae(sae_dir, "blocks.1.resid_post", "relu", d_in=TINY_LLAMA31["hidden_size"], seed=2)
     os.environ[FAULT_SKIP_DECODE_ENV] = "1"  # inherited by the engine core process vLLM starts now
     try:
-        eng = await SAEEngine.start(EngineConfig(model=str(model), enforce_eager=True, load_dummy_weights=True,
-                                                 max_model_len=256, kv_cache_gib=0.25, saes={"r1": str(sae_dir)}))
+        eng = await SAEEngine.start(
+            EngineConfig(
+                model=str(model),
+                enforce_eager=True,
+                load_dummy_weights=True,
+                max_model_len=256,
+                kv_cache_gib=0.25,
+                saes={"r1": str(sae_dir)},
+            )
+        )
     finally:
         del os.environ[FAULT_SKIP_DECODE_ENV]
     yield eng
@@ -43,8 +51,9 @@ async def test_probe_refuses_steering_when_decode_steps_are_unsteered(faulty_eng
     assert "blocks.1.resid_post" in faulty_engine.steering_refused
     assert "did not change any decode step" in faulty_engine.steering_refused
     with pytest.raises(SteeringUnavailable) as e:
-        await anext(faulty_engine.generate("Hi", Sampling(max_tokens=2), [SteeringEntry(sae="r1", feature=0,
-                                                                                        value=1.0)]))
+        await anext(
+            faulty_engine.generate("Hi", Sampling(max_tokens=2), [SteeringEntry(sae="r1", feature=0, value=1.0)])
+        )
     assert (e.value.status, e.value.param, e.value.code) == (503, "steering", "steering_unavailable")
     tokens = []
     async for u in faulty_engine.generate("Hi", Sampling(max_tokens=3, temperature=0.0, ignore_eos=True)):

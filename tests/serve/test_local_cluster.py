@@ -1,5 +1,6 @@
-"""The local cluster sae-serve starts itself (serve/launch/local_cluster.py): direct ingress on the configured port, and the
-start refusals that come before Ray does."""
+"""The local cluster sae-serve starts itself (serve/launch/local_cluster.py): direct ingress on the configured port,
+and the start refusals that come before Ray does.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def test_direct_ingress_settings_name_exactly_the_configured_port():
     env = direct_ingress_env(8123)
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     # Ray allocates from range(min, max): one port, the configured one.
-    assert range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
-                 int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])) == range(8123, 8124)
+    assert range(
+        int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    ) == range(8123, 8124)
 
 
 def test_several_ingress_replicas_need_the_proxy():
@@ -54,7 +56,13 @@ def test_a_busy_port_is_refused_before_ray_starts():
         port = busy.getsockname()[1]
         with pytest.raises(ValueError, match=f"127.0.0.1:{port}"):
             check_port_free("127.0.0.1", port)
-        r = subprocess.run([sys.executable, "-m", "serve.launch.cli", "up", "--port", str(port)], cwd=REPO,
-                           capture_output=True, text=True, timeout=120, env={**os.environ, "SAE_SERVE_API_KEYS": ""})
+        r = subprocess.run(
+            [sys.executable, "-m", "serve.launch.cli", "up", "--port", str(port)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "SAE_SERVE_API_KEYS": ""},
+        )
     assert r.returncode == 2, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Started a local Ray" not in r.stderr

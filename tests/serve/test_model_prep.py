@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from serve.engine import model_files as model_prep
-from serve.launch.cli import main
 from serve.engine.model_files import (
     MARKER_NAME,
     WEIGHTS_NAME,
@@ -28,6 +27,7 @@ from serve.engine.model_files import (
     prepare_model,
     resolve_model,
 )
+from serve.launch.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -44,6 +44,8 @@ from tests.faults.openai_shape import assert_clean_4xx
 from tests.faults.test_schemathesis import _aim_at_the_service
 from tests.serve.test_service_api import MODEL, FakeHandle, ScriptedModel, make_client
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 # The contract: what each operation can answer besides its 200 (500, the crash handler, goes with every one).
 # 400 validation or limits, 401 no/unknown key, 403 not admin, 404 unknown model/SAE/feature/plot,
 # 413 body over the limit, 503 model or engine down / overloaded.
@@ -104,8 +106,10 @@ def test_no_422_and_no_unsent_validation_schemas(document):
     schemas = document["components"]["schemas"]
     assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
     assert {"ErrorResponse", "ErrorDetail"} <= set(schemas)
-    assert schemas["ErrorResponse"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorDetail",
-                                                               "description": "The error."}
+    assert schemas["ErrorResponse"]["properties"]["error"] == {
+        "$ref": "#/components/schemas/ErrorDetail",
+        "description": "The error.",
+    }
     assert set(schemas["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
 
 
@@ -151,8 +155,13 @@ USER_KEY, ADMIN_KEY = "user-key", "admin-key"
 EXAMPLES_PER_OPERATION = 12
 # A small body limit, so that generated bodies meet the 413 as well.
 BODY_LIMIT = 1024
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 
 
 class ServingModel(ScriptedModel):
@@ -206,8 +215,14 @@ class ServingModel(ScriptedModel):
 
     async def activations(self, req, version):
         self._check()
-        return ActivationsResponse(model=MODEL, saes=[], text="hi", generated_text="", tokens=[],
-                                   usage=Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1))
+        return ActivationsResponse(
+            model=MODEL,
+            saes=[],
+            text="hi",
+            generated_text="",
+            tokens=[],
+            usage=Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +231,9 @@ def served():
     config = ServiceConfig.model_validate({"limits": {"max_body_bytes": BODY_LIMIT}})
     user, admin = (hashlib.sha256(k.encode()).digest() for k in (USER_KEY, ADMIN_KEY))
     keys = KeyStore(user=(user, admin), admin=(admin,))  # as from_config builds it: admin keys are user keys too
-    ctx = IngressContext(config=config, replica=ReplicaClient(FakeHandle(model)), keys=keys,
-                         metrics=ServiceMetrics(), created=0)
+    ctx = IngressContext(
+        config=config, replica=ReplicaClient(FakeHandle(model)), keys=keys, metrics=ServiceMetrics(), created=0
+    )
     app = create_api(ctx)
     return schemathesis.openapi.from_asgi("/openapi.json", app), model
 
@@ -228,13 +244,24 @@ def test_schemathesis_in_process_finds_the_answers_documented(served):
     assert {(op.method.upper(), op.path) for op in operations} == set(EXPECTED_ERRORS)
     seen: set[tuple[str, int]] = set()
     for operation in operations:
-        cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                          operation.as_strategy(GenerationMode.NEGATIVE))
+        cases = st.one_of(
+            operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+        )
 
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(case=cases, aimed=st.booleans(), key=st.sampled_from([ADMIN_KEY, ADMIN_KEY, USER_KEY, None]),
-               down=st.sampled_from([False, False, False, True]))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(
+            case=cases,
+            aimed=st.booleans(),
+            key=st.sampled_from([ADMIN_KEY, ADMIN_KEY, USER_KEY, None]),
+            down=st.sampled_from([False, False, False, True]),
+        )
         def check(case, aimed, key, down):
             if aimed:
                 _aim_at_the_service(case, MODEL)
@@ -259,8 +286,13 @@ EXPLICIT = [
     ("POST", "/v1/completions", {}, {"model": MODEL, "prompt": "hi", "logprobs": 1}, "application/json"),
     ("POST", "/v1/completions", {}, {"model": MODEL, "prompt": "hi", "stream": True}, "text/event-stream"),
     ("POST", "/v1/chat/completions", {}, CHAT, "application/json"),
-    ("POST", "/v1/chat/completions", {}, {**CHAT, "stream": True, "stream_options": {"include_usage": True}},
-     "text/event-stream"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {},
+        {**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        "text/event-stream",
+    ),
     ("POST", "/v1/activations", {}, {"model": MODEL, "input": "hi", "saes": ["toy"]}, "application/json"),
     ("GET", "/v1/saes/{sae_id}/plots/{name}", {"sae_id": "toy", "name": "loss.png"}, None, "image/png"),
     ("GET", "/v1/saes/{sae_id}/features/{feature}", {"sae_id": "toy", "feature": 3}, None, "application/json"),
@@ -268,8 +300,11 @@ EXPLICIT = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "path_parameters", "body", "media_type"), EXPLICIT,
-                         ids=[f"{m} {p} {t}" for m, p, _, _, t in EXPLICIT])
+@pytest.mark.parametrize(
+    ("method", "path", "path_parameters", "body", "media_type"),
+    EXPLICIT,
+    ids=[f"{m} {p} {t}" for m, p, _, _, t in EXPLICIT],
+)
 def test_schemathesis_in_process_200s_conform(served, method, path, path_parameters, body, media_type):
     """The 200s fuzzing rarely reaches: JSON and SSE generations, activations, a plot, a feature card, an unload."""
     schema, model = served

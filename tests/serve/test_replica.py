@@ -20,6 +20,8 @@ from serve.replica.prompting import PromptRenderer
 from tests.helpers import make_random_sae
 from tests.serve.fake_engine import DirectoryUnreachable, FakeDirectoryHandle, FakeEngine, script_tokens
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 HOOK = "blocks.10.resid_post"
 MODEL = "SmolLM2-135M-Instruct"
 SCRIPT = " one two three four five"
@@ -279,8 +281,9 @@ async def _status(model: SAEModel) -> dict:
 async def test_rejected_publish_keeps_the_old_sae(replicas, registry, tmp_path, kind):
     from trainer.publish import publish
 
-    model = await replicas(SAEDirectory({}), sae_registry=str(registry), watch_registry=True,
-                           registry_poll_interval_s=0.02)
+    model = await replicas(
+        SAEDirectory({}), sae_registry=str(registry), watch_registry=True, registry_poll_interval_s=0.02
+    )
     make_random_sae(tmp_path / "good", HOOK, d_sae=64, seed=1)
     publish(tmp_path / "good", registry, "r1")
 
@@ -320,8 +323,9 @@ async def test_rejected_publish_keeps_the_old_sae(replicas, registry, tmp_path, 
 async def test_rejected_publish_keeps_the_old_feature_cards(replicas, registry, tmp_path):
     from trainer.publish import publish
 
-    model = await replicas(SAEDirectory({}), sae_registry=str(registry), watch_registry=True,
-                           registry_poll_interval_s=0.02)
+    model = await replicas(
+        SAEDirectory({}), sae_registry=str(registry), watch_registry=True, registry_poll_interval_s=0.02
+    )
     make_random_sae(tmp_path / "good", HOOK, d_sae=64, seed=1)
     publish(tmp_path / "good", registry, "r1")
 
@@ -385,8 +389,12 @@ async def test_unknown_sae_in_steering_is_a_spec_error(replicas, registry):
         await collect(model, completion(steering=[{"sae": "nope", "feature": 0, "value": 1.0}]))
     assert e.value.param == "steering[0].sae" and "nope" in e.value.message
     with pytest.raises(SpecError) as e:
-        await collect(model, completion(steering=[{"sae": "s1", "feature": 0, "value": 1.0},
-                                                  {"sae": "s1", "feature": 64, "value": 1.0}]))
+        await collect(
+            model,
+            completion(
+                steering=[{"sae": "s1", "feature": 0, "value": 1.0}, {"sae": "s1", "feature": 64, "value": 1.0}]
+            ),
+        )
     assert e.value.param == "steering[1].feature"
     with pytest.raises(SpecError) as e:
         await model.activations(ActivationsRequest(input="hi", saes=["s1", "nope"]), 0)
@@ -407,8 +415,10 @@ async def test_too_long_prompt_names_the_field(replicas):
         await collect(model, completion(prompt="Hi", max_tokens=100))
     assert e.value.param == "max_tokens"
     with pytest.raises(ContextLengthExceeded) as e:
-        await collect(model, ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                                   max_completion_tokens=100))
+        await collect(
+            model,
+            ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=100),
+        )
     assert e.value.param == "max_completion_tokens"
     with pytest.raises(InvalidRequest) as e:
         await collect(model, completion(prompt=[1, 10**6]))
@@ -445,8 +455,13 @@ async def test_bad_admin_loads_are_invalid_requests_and_change_nothing(replicas,
     model = await replicas(directory, sae_registry=str(registry))
     await model.load_sae("s1", None)
     version = directory.snapshot().version
-    for path, sae_id, param in [("wide", "s1", "path"), ("corrupt", None, "path"), (str(tmp_path / "outside"), None,
-                                "path"), ("missing", None, "path"), ("s1", "bad id!", "id")]:
+    for path, sae_id, param in [
+        ("wide", "s1", "path"),
+        ("corrupt", None, "path"),
+        (str(tmp_path / "outside"), None, "path"),
+        ("missing", None, "path"),
+        ("s1", "bad id!", "id"),
+    ]:
         with pytest.raises(InvalidRequest) as e:
             await model.load_sae(path, sae_id)
         assert e.value.param == param, (path, e.value)
@@ -466,8 +481,9 @@ async def test_load_without_registry_is_invalid(replicas, registry):
 
 
 async def test_stream_batches_after_the_first_token(replicas):
-    model = await replicas(SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.01},
-                           stream_batch_ms=60_000)
+    model = await replicas(
+        SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.01}, stream_batch_ms=60_000
+    )
     words = [t for _, t in script_tokens(SCRIPT)]
     start = time.monotonic()
     items = await collect(model, completion(stream=True))
@@ -480,8 +496,7 @@ async def test_stream_batches_after_the_first_token(replicas):
 
 
 async def test_first_streamed_token_is_not_held_by_the_window(replicas):
-    model = await replicas(SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.5},
-                           stream_batch_ms=60_000)
+    model = await replicas(SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.5}, stream_batch_ms=60_000)
     gen = model.generate(completion(stream=True), 0)
     start = time.monotonic()
     first = await gen.__anext__()  # the second token is 0.5 s away, the end 2 s
@@ -491,33 +506,47 @@ async def test_first_streamed_token_is_not_held_by_the_window(replicas):
 
 async def test_unbatched_stream_sends_every_token(replicas):
     # stream_batch_ms is the shortest window; the load-based one (streams / stream_messages_per_s) must be short too.
-    model = await replicas(SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.05}, stream_batch_ms=0,
-                           stream_messages_per_s=10_000)
+    model = await replicas(
+        SAEDirectory({}),
+        engine_kw={"script": SCRIPT, "token_delay_s": 0.05},
+        stream_batch_ms=0,
+        stream_messages_per_s=10_000,
+    )
     items = await collect(model, completion(stream=True))
     assert [text_of([i]) for i in items] == [t for _, t in script_tokens(SCRIPT)]
 
 
 @pytest.mark.parametrize("batch_ms", [0, 60_000])
 async def test_non_streaming_result_merges_all_after_the_first(replicas, batch_ms):
-    model = await replicas(SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.005},
-                           stream_batch_ms=batch_ms)
+    model = await replicas(
+        SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.005}, stream_batch_ms=batch_ms
+    )
     words = [t for _, t in script_tokens(SCRIPT)]
     items = await collect(model, completion(stream=False, n=2, logprobs=1))
     assert len(items) == 2
     assert [d.num_tokens for d in items[0].deltas] == [1, 1]
-    assert [(d.index, d.text, d.num_tokens) for d in items[1].deltas] == [(0, "".join(words[1:]), len(words) - 1),
-                                                                          (1, "".join(words[1:]), len(words) - 1)]
+    assert [(d.index, d.text, d.num_tokens) for d in items[1].deltas] == [
+        (0, "".join(words[1:]), len(words) - 1),
+        (1, "".join(words[1:]), len(words) - 1),
+    ]
     assert [len(d.logprobs) for d in items[1].deltas] == [len(words) - 1] * 2
     assert items[1].deltas[0].logprobs[0].token == words[1]
 
 
 async def test_steering_report_rides_on_the_last_item(replicas, registry):
     make_random_sae(registry / "s1", HOOK, d_sae=64, seed=1)
-    model = await replicas(SAEDirectory({}), engine_kw={"script": SCRIPT, "token_delay_s": 0.02},
-                           stream_batch_ms=0, stream_messages_per_s=10_000, sae_registry=str(registry))
+    model = await replicas(
+        SAEDirectory({}),
+        engine_kw={"script": SCRIPT, "token_delay_s": 0.02},
+        stream_batch_ms=0,
+        stream_messages_per_s=10_000,
+        sae_registry=str(registry),
+    )
     await model.load_sae("s1", None)
-    steering = [{"sae": "s1", "feature": 1, "value": 2.0}, {"sae": "s1", "feature": 2, "value": 2.0,
-                                                             "positions": "generated"}]
+    steering = [
+        {"sae": "s1", "feature": 1, "value": 2.0},
+        {"sae": "s1", "feature": 2, "value": 2.0, "positions": "generated"},
+    ]
     items = await collect(model, completion(stream=True, steering=steering))
     assert len(items) >= 3  # (one per token but on a stalled machine)
     assert all(i.steering_report is None for i in items[:-1])

@@ -41,8 +41,9 @@ def test_models_health_and_chat(service):
     assert [m.id for m in client.models.list().data] == [service.model]
     with service.http(key=None) as http:
         assert http.get("/health").json() == {"status": "ok"}
-    r = client.chat.completions.create(model=service.model, messages=QUESTION, max_tokens=16, temperature=0,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=service.model, messages=QUESTION, max_tokens=16, temperature=0, logprobs=True, top_logprobs=2
+    )
     choice = r.choices[0]
     assert "Paris" in choice.message.content
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
@@ -70,16 +71,23 @@ def test_completions_n_seed_stop_logprobs(service):
 def test_streaming_matches_non_streaming(service):
     client = service.openai()
     full = client.chat.completions.create(model=service.model, messages=QUESTION, max_tokens=20, temperature=0)
-    chunks = list(client.chat.completions.create(model=service.model, messages=QUESTION, max_tokens=20,
-                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=service.model,
+            messages=QUESTION,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
-    streamed = client.completions.create(model=service.model, prompt=PROMPT, max_tokens=12, temperature=0,
-                                         stream=True)
+    streamed = client.completions.create(model=service.model, prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == greedy_completion(client, service.model)
 
 
@@ -91,9 +99,13 @@ def test_steering_changes_greedy_output_and_zero_spec_does_not(service):
     steered = greedy_completion(client, service.model, [{"sae": "toy", "feature": feature, "value": 150.0}])
     assert zero == plain
     assert steered != plain
-    chat = client.chat.completions.create(model=service.model, messages=QUESTION, max_tokens=12, temperature=0,
-                                          extra_body={"steering": [{"sae": "toy", "feature": feature,
-                                                                    "value": 150.0, "positions": "generated"}]})
+    chat = client.chat.completions.create(
+        model=service.model,
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"steering": [{"sae": "toy", "feature": feature, "value": 150.0, "positions": "generated"}]},
+    )
     assert chat.choices[0].message.content
     # The unsteered answer is unchanged afterwards (steered KV never reaches the prefix cache of plain requests).
     assert greedy_completion(client, service.model) == plain
@@ -102,14 +114,30 @@ def test_steering_changes_greedy_output_and_zero_spec_does_not(service):
 def test_steering_report_in_the_body_and_the_last_stream_chunk(service):
     client = service.openai()
     steering = [{"sae": "toy", "feature": top_feature(service), "value": 5.0, "positions": "generated"}]
-    r = client.completions.create(model=service.model, prompt="A report, please:", max_tokens=4, temperature=0,
-                                  extra_body={"steering": steering})
+    r = client.completions.create(
+        model=service.model, prompt="A report, please:", max_tokens=4, temperature=0, extra_body={"steering": steering}
+    )
     report = r.model_extra["steering_report"]  # the real SDK keeps fields it does not know
     generated = r.usage.completion_tokens
-    assert report == [{"index": 0, "sae": "toy", "feature": steering[0]["feature"],
-                       "steered_tokens": generated - 1, "status": "applied" if generated > 1 else "no_tokens"}]
-    chunks = list(client.chat.completions.create(model=service.model, messages=QUESTION, max_tokens=6,
-                                                 temperature=0, stream=True, extra_body={"steering": steering}))
+    assert report == [
+        {
+            "index": 0,
+            "sae": "toy",
+            "feature": steering[0]["feature"],
+            "steered_tokens": generated - 1,
+            "status": "applied" if generated > 1 else "no_tokens",
+        }
+    ]
+    chunks = list(
+        client.chat.completions.create(
+            model=service.model,
+            messages=QUESTION,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"steering": steering},
+        )
+    )
     carrying = [i for i, c in enumerate(chunks) if (c.model_extra or {}).get("steering_report") is not None]
     assert carrying == [len(chunks) - 1]
     assert chunks[-1].model_extra["steering_report"][0]["steered_tokens"] > 0
@@ -145,8 +173,9 @@ def test_request_errors_use_the_openai_shape(service):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=service.model, prompt="hi", max_tokens=10_000)
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):
-        client.chat.completions.create(model=service.model, messages=QUESTION,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(
+            model=service.model, messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
     with pytest.raises(openai.BadRequestError, match="Extra inputs"):
         client.completions.create(model=service.model, prompt="hi", extra_body={"unknown_field": 1})
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -156,8 +185,9 @@ def test_request_errors_use_the_openai_shape(service):
         body = '{"model": "%s", "prompt": "hi", "temperature": NaN}' % service.model
         r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
-        body = json.dumps({"model": service.model, "prompt": "hi",
-                           "steering": [{"sae": "toy", "feature": 1, "value": math.inf}]})
+        body = json.dumps(
+            {"model": service.model, "prompt": "hi", "steering": [{"sae": "toy", "feature": 1, "value": math.inf}]}
+        )
         r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "steering[0].value"
         r = http.get("/v1/nothing-here")
@@ -192,8 +222,10 @@ def hf_model():
 
 def test_activations_match_a_transformers_reference(service, hf_model):
     with service.http() as http:
-        r = http.post("/v1/activations", json={"input": PROMPT, "saes": ["toy"], "top_k": 4,
-                                               "features": {"toy": [0, 5]}, "max_tokens": 3})
+        r = http.post(
+            "/v1/activations",
+            json={"input": PROMPT, "saes": ["toy"], "top_k": 4, "features": {"toy": [0, 5]}, "max_tokens": 3},
+        )
     assert r.status_code == 200, r.text
     out = r.json()
     tokens = out["tokens"]
@@ -201,7 +233,7 @@ def test_activations_match_a_transformers_reference(service, hf_model):
     assert len(prompt_ids) == out["usage"]["prompt_tokens"] and out["usage"]["completion_tokens"] == 3
     assert [t["generated"] for t in tokens].count(True) == 3
     full_text = out["text"] + out["generated_text"]
-    assert all(full_text[t["offset"][0]:t["offset"][1]] == t["text"] for t in tokens)
+    assert all(full_text[t["offset"][0] : t["offset"][1]] == t["text"] for t in tokens)
     assert tokens[-1]["saes"] is None  # the last generated token is never read by the model
     read = [t for t in tokens if t["saes"] is not None]
     assert len(read) == len(tokens) - 1
@@ -225,8 +257,7 @@ def test_activations_match_a_transformers_reference(service, hf_model):
         assert [g for g, s in zip(got_idx, strong) if s] == ref_idx[strong].tolist(), i
         torch.testing.assert_close(got_vals, ref_vals, rtol=1e-3, atol=1e-3)
         assert [p[0] for p in ours["features"]] == [0, 5]
-        torch.testing.assert_close(torch.tensor([p[1] for p in ours["features"]]), f[i, [0, 5]],
-                                   rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(torch.tensor([p[1] for p in ours["features"]]), f[i, [0, 5]], rtol=1e-3, atol=1e-3)
 
 
 def test_activations_of_chat_messages_and_errors(service):
@@ -284,10 +315,17 @@ def test_metrics(service):
     greedy_completion(service.openai(), service.model, [{"sae": "toy", "feature": 1, "value": 1.0}])
     with service.http(key=None) as http:
         text = http.get("/metrics").text
-    for name in ("sae_serve:requests_total", "sae_serve:request_errors_total", "sae_serve:e2e_request_latency_seconds",
-                 "sae_serve:time_to_first_token_seconds", "sae_serve:prompt_tokens_total",
-                 "sae_serve:generation_tokens_total", 'sae_serve:steered_requests_total{sae="toy"}',
-                 "sae_serve:loaded_saes", "sae_serve:sae_hot_load_events_total"):
+    for name in (
+        "sae_serve:requests_total",
+        "sae_serve:request_errors_total",
+        "sae_serve:e2e_request_latency_seconds",
+        "sae_serve:time_to_first_token_seconds",
+        "sae_serve:prompt_tokens_total",
+        "sae_serve:generation_tokens_total",
+        'sae_serve:steered_requests_total{sae="toy"}',
+        "sae_serve:loaded_saes",
+        "sae_serve:sae_hot_load_events_total",
+    ):
         assert name in text, name
     assert 'sae_serve:requests_total{endpoint="/v1/completions",status="200"}' in text
 
@@ -300,8 +338,10 @@ def test_overload_is_answered_at_once_not_queued_forever(service):
 
     async def one(client):
         t = asyncio.get_running_loop().time()
-        r = await client.post("/v1/completions", json={"model": service.model, "prompt": "Count: 1, 2, 3,",
-                                                        "max_tokens": 16, "temperature": 0})
+        r = await client.post(
+            "/v1/completions",
+            json={"model": service.model, "prompt": "Count: 1, 2, 3,", "max_tokens": 16, "temperature": 0},
+        )
         return r, asyncio.get_running_loop().time() - t
 
     async def burst():

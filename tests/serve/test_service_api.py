@@ -22,6 +22,8 @@ from serve.http.replica_client import ReplicaClient
 from serve.launch.app import check_binding
 from serve.protocol import ChoiceDelta, SAEInfo, StreamItem, TokenLogprob
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -47,8 +49,9 @@ class ScriptedModel:
             yield StreamItem(prompt_tokens=4, deltas=deltas, finished=i == 2)
 
     async def saes(self, version):
-        return [SAEInfo(id="toy", hook_point="blocks.1.resid_post", architecture="relu", d_in=8, d_sae=16,
-                        version="v1")]
+        return [
+            SAEInfo(id="toy", hook_point="blocks.1.resid_post", architecture="relu", d_in=8, d_sae=16, version="v1")
+        ]
 
     async def health(self):
         if self.fail is not None:
@@ -56,7 +59,8 @@ class ScriptedModel:
 
 
 def as_ray_raises(e: BaseException) -> BaseException:
-    """What a handle call raises when the replica raised `e`: Ray's RayTaskError that is also an instance of e's class."""
+    """What a handle call raises when the replica raised `e`: Ray's RayTaskError that is also an instance of e's
+    class."""
     from ray.exceptions import RayTaskError
 
     if not isinstance(e, ServeError):
@@ -107,8 +111,13 @@ class FakeHandle:
 
 def make_client(keys: KeyStore = KeyStore(), **config) -> tuple[TestClient, ScriptedModel, IngressContext]:
     model = ScriptedModel()
-    ctx = IngressContext(config=ServiceConfig.model_validate(config), replica=ReplicaClient(FakeHandle(model)),
-                         keys=keys, metrics=ServiceMetrics(), created=0)
+    ctx = IngressContext(
+        config=ServiceConfig.model_validate(config),
+        replica=ReplicaClient(FakeHandle(model)),
+        keys=keys,
+        metrics=ServiceMetrics(),
+        created=0,
+    )
     return TestClient(create_api(ctx), raise_server_exceptions=False), model, ctx
 
 
@@ -119,22 +128,34 @@ def sse_events(text: str) -> list:
 
 def test_sse_stream_with_usage_and_done():
     client, model, _ = make_client()
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2,
-            "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 1}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "n": 2,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 6,
-                                                                   "total_tokens": 10}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 6,
+        "total_tokens": 10,
+    }
     for index in (0, 1):
         mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == index]
         assert mine[0]["delta"]["role"] == "assistant" and all(m["delta"]["role"] is None for m in mine[1:])
         assert "".join(m["delta"]["content"] for m in mine) == " one two three"
         assert mine[-1]["finish_reason"] == "length"
         assert mine[0]["logprobs"]["content"][0]["top_logprobs"] == [
-            {"token": "a", "logprob": -0.5, "bytes": [97]}, {"token": "b", "logprob": -1.5, "bytes": [98]}]
+            {"token": "a", "logprob": -0.5, "bytes": [97]},
+            {"token": "b", "logprob": -1.5, "bytes": [98]},
+        ]
     assert model.calls[0].top_logprobs_count() == 1 and model.calls[0].stream
 
 
@@ -154,8 +175,12 @@ def test_refused_before_streaming_is_a_plain_http_error():
     model.fail = SpecError("steering[0].sae: unknown SAE 'x' (loaded: toy)", "steering[0].sae")
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "stream": True})
     assert r.status_code == 400
-    assert r.json()["error"] == {"message": "steering[0].sae: unknown SAE 'x' (loaded: toy)",
-                                 "type": "invalid_request_error", "param": "steering[0].sae", "code": None}
+    assert r.json()["error"] == {
+        "message": "steering[0].sae: unknown SAE 'x' (loaded: toy)",
+        "type": "invalid_request_error",
+        "param": "steering[0].sae",
+        "code": None,
+    }
 
 
 def test_overload_and_dead_model_are_fast_503s():
@@ -186,8 +211,11 @@ def test_overload_and_dead_model_are_fast_503s():
         ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
         ({"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
-        ({"model": MODEL, "prompt": "hi", "steering": [{"sae": "toy", "feature": -1, "value": 1}]}, 400,
-         "steering[0].feature"),
+        (
+            {"model": MODEL, "prompt": "hi", "steering": [{"sae": "toy", "feature": -1, "value": 1}]},
+            400,
+            "steering[0].feature",
+        ),
         ({"model": "other", "prompt": "hi"}, 404, "model"),
         ({"prompt": "hi"}, 400, "model"),
     ],
@@ -206,8 +234,9 @@ def test_chat_validation_messages():
     image = [{"type": "image_url", "image_url": {"url": "x"}}]
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": image}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].type"
-    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                  "top_logprobs": 2})
+    r = client.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     r = client.post("/v1/chat/completions", content="{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
@@ -215,8 +244,9 @@ def test_chat_validation_messages():
 
 def test_keys_scopes_and_bearer_parsing(tmp_path):
     (tmp_path / "user").write_text("# comment\nuser-key\n\n")
-    keys = KeyStore.from_config(AuthConfig(api_keys_file=tmp_path / "user", api_keys_env="NO_SUCH_ENV_1",
-                                           admin_keys_env="NO_SUCH_ENV_2"))
+    keys = KeyStore.from_config(
+        AuthConfig(api_keys_file=tmp_path / "user", api_keys_env="NO_SUCH_ENV_1", admin_keys_env="NO_SUCH_ENV_2")
+    )
     assert keys.scope_of("user-key") == "user" and keys.scope_of("user-key ") is None
     assert "user-key" not in repr(keys)  # only digests are kept
     client, _, _ = make_client(keys)

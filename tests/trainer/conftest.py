@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_llama import build_tiny_llama
 
 CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
@@ -29,9 +28,14 @@ def tiny_config(tiny_llama, tmp_path):
     from trainer.config import load_config
 
     def make(*overrides: str):
-        return load_config(CONFIGS / "tiny-test.yaml", [
-            f"model={tiny_llama}", f"run.storage_path={tmp_path / 'runs'}", f"publish.registry={tmp_path / 'registry'}",
-            *overrides,
-        ])
+        return load_config(
+            CONFIGS / "tiny-test.yaml",
+            [
+                f"model={tiny_llama}",
+                f"run.storage_path={tmp_path / 'runs'}",
+                f"publish.registry={tmp_path / 'registry'}",
+                *overrides,
+            ],
+        )
 
     return make

@@ -22,8 +22,14 @@ def sae_dir(service, tmp_path):
 
 
 def config(service, sae_dir, **overrides) -> ExplainConfig:
-    return ExplainConfig(sae_dir=sae_dir, base_url=f"{service.base_url}/v1", model=service.model,
-                         api_key_env=KEY_ENV, max_tokens=8, **overrides)
+    return ExplainConfig(
+        sae_dir=sae_dir,
+        base_url=f"{service.base_url}/v1",
+        model=service.model,
+        api_key_env=KEY_ENV,
+        max_tokens=8,
+        **overrides,
+    )
 
 
 def test_labels_are_stored_beside_the_statistics(service, sae_dir, monkeypatch):
@@ -47,8 +53,23 @@ def test_a_refused_request_names_the_reason_and_leaves_the_file(service, sae_dir
     original = (sae_dir / "feature_stats.json").read_bytes()
     with pytest.raises(ExplainError, match="401: Incorrect API key provided."):
         explain(config(service, sae_dir, limit=2))
-    assert main(["--sae-dir", str(sae_dir), "--base-url", f"{service.base_url}/v1", "--api-key-env", KEY_ENV,
-                 "--features", "3", "--max-tokens", "4"]) == 1
+    assert (
+        main(
+            [
+                "--sae-dir",
+                str(sae_dir),
+                "--base-url",
+                f"{service.base_url}/v1",
+                "--api-key-env",
+                KEY_ENV,
+                "--features",
+                "3",
+                "--max-tokens",
+                "4",
+            ]
+        )
+        == 1
+    )
     assert "Incorrect API key provided." in capsys.readouterr().err
     assert (sae_dir / "feature_stats.json").read_bytes() == original
     with pytest.raises(ValueError, match="feature 999 is not in feature_stats.json"):
@@ -57,8 +78,25 @@ def test_a_refused_request_names_the_reason_and_leaves_the_file(service, sae_dir
 
 def test_cli_labels_a_feature(service, sae_dir, monkeypatch, capsys):
     monkeypatch.setenv(KEY_ENV, service.user_key)
-    assert main(["--sae-dir", str(sae_dir), "--base-url", f"{service.base_url}/v1", "--model", service.model,
-                 "--api-key-env", KEY_ENV, "--features", "5", "--max-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "--sae-dir",
+                str(sae_dir),
+                "--base-url",
+                f"{service.base_url}/v1",
+                "--model",
+                service.model,
+                "--api-key-env",
+                KEY_ENV,
+                "--features",
+                "5",
+                "--max-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     stored = json.loads((sae_dir / "feature_stats.json").read_text())["features"][5].get("explanation")
     assert printed["explained"] == ({"5": stored} if stored else {}) and printed["empty"] == ([] if stored else [5])

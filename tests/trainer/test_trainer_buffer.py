@@ -29,12 +29,14 @@ def test_one_epoch_emits_each_training_activation_once_shuffled():
 
 def test_ranks_see_disjoint_chunks_and_resume_continues_the_schedule():
     plan = ChunkPlan.build(n_contexts=200, contexts_per_chunk=5, eval_fraction=0.1)
-    streams = [ActivationStream(source, plan, d=4, batch_size=8, capacity=32, rank=r, world=2, seed=3)
-               for r in range(2)]
+    streams = [
+        ActivationStream(source, plan, d=4, batch_size=8, capacity=32, rank=r, world=2, seed=3) for r in range(2)
+    ]
     chunks = [{i // ROWS for _ in range(5) for i in ids(s.next_batch())} for s in streams]
     assert chunks[0].isdisjoint(chunks[1])
-    resumed = ActivationStream(source, plan, d=4, batch_size=8, capacity=32, rank=0, world=2, seed=3,
-                               position=streams[0].position)
+    resumed = ActivationStream(
+        source, plan, d=4, batch_size=8, capacity=32, rank=0, world=2, seed=3, position=streams[0].position
+    )
     later = {i // ROWS for i in ids(resumed.next_batch())}
     schedule = plan.rank_schedule(0, 0, 2, 3)
-    assert later <= set(schedule[streams[0].position:])
+    assert later <= set(schedule[streams[0].position :])

@@ -22,8 +22,12 @@ def test_capture_equals_a_direct_forward(tiny_llama):
 
 
 def test_chunk_source_drops_special_tokens_and_caches(tiny_config, tmp_path):
-    cfg = tiny_config(f"data.cache_dir={tmp_path / 'cache'}", "data.cache_dtype=float32", "data.max_documents=200",
-                      "data.outlier_norm_factor=null")
+    cfg = tiny_config(
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.cache_dtype=float32",
+        "data.max_documents=200",
+        "data.outlier_norm_factor=null",
+    )
     model, tok = load_language_model(cfg.model_path)
     corpus = load_corpus(cfg, tok)
     source = ChunkSource(cfg, corpus)

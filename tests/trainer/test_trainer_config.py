@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import CONFIGS
+
 from trainer.config import TrainerConfig, load_config
 
 
@@ -13,15 +13,26 @@ def test_shipped_configs_load_and_roundtrip(path):
 def test_demo_config_is_the_8x_layer_15_topk_sae():
     cfg = load_config(CONFIGS / "smollm2-l15-resid-8x.yaml")
     assert (cfg.sae.hook_point, cfg.sae.architecture, cfg.sae.k, cfg.sae.expansion_factor) == (
-        "blocks.15.resid_post", "topk", 32, 8)
+        "blocks.15.resid_post",
+        "topk",
+        32,
+        8,
+    )
     assert cfg.run.cpus_per_worker < 1
 
 
 def test_overrides_are_parsed_as_yaml_and_checked():
-    cfg = load_config(CONFIGS / "tiny-test.yaml", ["optim.steps=7", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]",
-                                                   "data.cache_dir=null", "run.name=x"])
+    cfg = load_config(
+        CONFIGS / "tiny-test.yaml",
+        ["optim.steps=7", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "data.cache_dir=null", "run.name=x"],
+    )
     assert (cfg.optim.steps, cfg.optim.lr, cfg.optim.betas, cfg.data.cache_dir, cfg.run.name) == (
-        7, 1e-3, (0.8, 0.9), None, "x")
+        7,
+        1e-3,
+        (0.8, 0.9),
+        None,
+        "x",
+    )
     with pytest.raises(KeyError, match="stepz"):
         load_config(None, ["optim.stepz=1"])
     with pytest.raises(TypeError):

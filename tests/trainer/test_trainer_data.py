@@ -17,7 +17,9 @@ def test_jsonl_and_text_sources(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
     (tmp_path / "b.txt").write_text("plain text file")
     assert list(iter_documents(DataConfig(format="jsonl", paths=[str(tmp_path / "*.jsonl")]))) == [
-        "first doc", "second doc"]
+        "first doc",
+        "second doc",
+    ]
     assert list(iter_documents(DataConfig(format="text", paths=[str(tmp_path / "b.txt")]))) == ["plain text file"]
 
 

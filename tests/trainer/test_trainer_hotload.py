@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS
+
 from tests.helpers import make_random_sae
 
 SAE_ID = "e2e"
@@ -36,8 +36,9 @@ def wait_for_state(service, sae_id: str, version: int, state: str, timeout: floa
 
 def greedy(service, steering=None) -> str:
     extra = {"steering": steering} if steering else None
-    r = service.openai().completions.create(model=service.model, prompt=PROMPT, max_tokens=12, temperature=0,
-                                            extra_body=extra)
+    r = service.openai().completions.create(
+        model=service.model, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=extra
+    )
     return r.choices[0].text
 
 
@@ -58,12 +59,23 @@ def published(service, tmp_path_factory):
     from trainer.job import run_job
 
     tmp = tmp_path_factory.mktemp("hotload-job")
-    cfg = load_config(CONFIGS / "tiny-test.yaml", [
-        f"model={resolve_model('embedded', prepare=False)}", f"run.storage_path={tmp / 'runs'}",
-        f"publish.registry={service.registry}", f"publish.sae_id={SAE_ID}", f"data.cache_dir={tmp / 'cache'}",
-        "sae.hook_point=blocks.10.resid_post", "data.max_documents=300", "optim.steps=30", "run.num_workers=1",
-        "run.cpus_per_worker=0.5", "run.checkpoint_every=30", "eval.max_contexts=8",
-    ])
+    cfg = load_config(
+        CONFIGS / "tiny-test.yaml",
+        [
+            f"model={resolve_model('embedded', prepare=False)}",
+            f"run.storage_path={tmp / 'runs'}",
+            f"publish.registry={service.registry}",
+            f"publish.sae_id={SAE_ID}",
+            f"data.cache_dir={tmp / 'cache'}",
+            "sae.hook_point=blocks.10.resid_post",
+            "data.max_documents=300",
+            "optim.steps=30",
+            "run.num_workers=1",
+            "run.cpus_per_worker=0.5",
+            "run.checkpoint_every=30",
+            "eval.max_contexts=8",
+        ],
+    )
     summary = run_job(cfg)
     yield summary
     with service.http(service.admin_key) as http:

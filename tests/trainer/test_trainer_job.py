@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CONFIGS
+
 from sae import load_sae
 from trainer.metrics import read_metrics
 from trainer.publish import read_manifest
@@ -17,9 +17,21 @@ STEPS, CHECKPOINT_EVERY, FAIL_AT = 40, 10, 25
 
 def run_cli(tmp, model, *overrides):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "trainer", "--config", str(CONFIGS / "tiny-test.yaml"),
-           "--set", f"model={model}", "--set", f"run.storage_path={tmp / 'runs'}",
-           "--set", f"publish.registry={tmp / 'registry'}", "--set", f"data.cache_dir={tmp / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--config",
+        str(CONFIGS / "tiny-test.yaml"),
+        "--set",
+        f"model={model}",
+        "--set",
+        f"run.storage_path={tmp / 'runs'}",
+        "--set",
+        f"publish.registry={tmp / 'registry'}",
+        "--set",
+        f"data.cache_dir={tmp / 'cache'}",
+    ]
     for item in overrides:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=420)
@@ -30,8 +42,15 @@ def run_cli(tmp, model, *overrides):
 @pytest.fixture(scope="module")
 def job(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job")
-    summary = run_cli(tmp, tiny_llama, f"optim.steps={STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}",
-                      f"run.fail_at_step={FAIL_AT}", "run.num_workers=2", "run.cpus_per_worker=0.5")
+    summary = run_cli(
+        tmp,
+        tiny_llama,
+        f"optim.steps={STEPS}",
+        f"run.checkpoint_every={CHECKPOINT_EVERY}",
+        f"run.fail_at_step={FAIL_AT}",
+        "run.num_workers=2",
+        "run.cpus_per_worker=0.5",
+    )
     return tmp, summary
 
 

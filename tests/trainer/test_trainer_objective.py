@@ -15,9 +15,12 @@ D, S, K = 16, 64, 4
 
 
 def make(architecture: str, scale: bool = False, seed: int = 0):
-    cfg = TrainerConfig.from_dict({"sae": {"architecture": architecture, "d_sae": S, "k": K,
-                                           "normalize_input": scale},
-                                   "optim": {"aux_k": 8, "seed": seed}})
+    cfg = TrainerConfig.from_dict(
+        {
+            "sae": {"architecture": architecture, "d_sae": S, "k": K, "normalize_input": scale},
+            "optim": {"aux_k": 8, "seed": seed},
+        }
+    )
     x = torch.randn(256, D, generator=torch.Generator().manual_seed(seed)) * 3 + 1
     stats = RunningStats(D)
     stats.update(x)

@@ -6,6 +6,8 @@ import torch
 from sae import SAEConfig, SparseAutoencoder, load_sae, save_sae
 from trainer.publish import publish, read_manifest
 
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
 
 def sae_folder(path, fill: float):
     sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, architecture="topk", hook_point="blocks.1.resid_post", k=2))

@@ -23,8 +23,9 @@ DEMO_SAE = Path(__file__).resolve().parents[2] / "deploy" / "saes" / "smollm2-l1
 def strongest_feature(service) -> int:
     """The `toy` feature firing hardest where the model starts its answer to QUESTION."""
     with service.http() as http:
-        r = http.post("/v1/activations", json={"messages": [{"role": "user", "content": QUESTION}],
-                                              "saes": ["toy"], "top_k": 1})
+        r = http.post(
+            "/v1/activations", json={"messages": [{"role": "user", "content": QUESTION}], "saes": ["toy"], "top_k": 1}
+        )
     assert r.status_code == 200, r.text
     return r.json()["tokens"][-1]["saes"]["toy"]["top"][0][0]
 
@@ -54,9 +55,16 @@ def answers(page) -> tuple[str, str]:
 
 def api_answer(service, steering: list) -> str:
     with service.http() as http:
-        r = http.post("/v1/chat/completions", json={
-            "model": service.model, "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, "steering": steering})
+        r = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": service.model,
+                "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "steering": steering,
+            },
+        )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -147,8 +155,9 @@ def test_activation_view_shades_tokens_by_the_feature(page, service, shot):
     with service.http() as http:
         top = http.post("/v1/activations", json={"input": TEXT, "saes": ["toy"], "top_k": 1}).json()
         feature = max((t["saes"]["toy"]["top"][0] for t in top["tokens"]), key=lambda p: p[1])[0]
-        ref = http.post("/v1/activations", json={"input": TEXT, "saes": ["toy"], "top_k": 10,
-                                                 "features": {"toy": [feature]}}).json()
+        ref = http.post(
+            "/v1/activations", json={"input": TEXT, "saes": ["toy"], "top_k": 10, "features": {"toy": [feature]}}
+        ).json()
     with_key(page)
     page.goto(f"/ui/#/activations?sae=toy&feature={feature}")
     page.get_by_label("Text", exact=True).fill(TEXT)
@@ -194,13 +203,29 @@ def carded_sae(service):
     make_random_sae(folder, HOOK, "relu", d_sae=64, seed=3)
     shutil.copy(DEMO_SAE / "training_curves.png", folder)
     demo_card = json.loads((DEMO_SAE / "card.json").read_text())
-    (folder / "card.json").write_text(json.dumps({
-        "format": "sae-serve-card/1", "evaluation": demo_card["evaluation"],
-        "density_histogram": demo_card["density_histogram"], "files": {"plots": ["training_curves.png"]}}))
-    features = [{"id": i, "density": 0.01, "max_activation": 2.0, "top_contexts": [],
-                 "explanation": "ships in a harbour" if i == 3 else f"pattern {i}"} for i in range(64)]
-    (folder / "feature_stats.json").write_text(json.dumps({"format": "sae-serve-feature-stats/1",
-                                                           "features": features}))
+    (folder / "card.json").write_text(
+        json.dumps(
+            {
+                "format": "sae-serve-card/1",
+                "evaluation": demo_card["evaluation"],
+                "density_histogram": demo_card["density_histogram"],
+                "files": {"plots": ["training_curves.png"]},
+            }
+        )
+    )
+    features = [
+        {
+            "id": i,
+            "density": 0.01,
+            "max_activation": 2.0,
+            "top_contexts": [],
+            "explanation": "ships in a harbour" if i == 3 else f"pattern {i}",
+        }
+        for i in range(64)
+    ]
+    (folder / "feature_stats.json").write_text(
+        json.dumps({"format": "sae-serve-feature-stats/1", "features": features})
+    )
     with service.http(ADMIN_KEY) as admin:
         r = admin.post("/v1/saes", json={"path": "explorer-carded"})
         assert r.status_code == 200, r.text

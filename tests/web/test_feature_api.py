@@ -13,8 +13,16 @@ def test_feature_search_by_index_by_token_and_paged(service):
         none = http.get("/v1/saes/toy/features", params={"q": "no-such-token"}).json()
         out_of_range = http.get("/v1/saes/toy/features", params={"q": str(D_SAE)}).json()
     assert one["object"] == "list" and one["sae"] == "toy" and one["total"] == 1
-    assert one["data"] == [{"id": 3, "density": 0.003, "max_activation": 3.0, "activating_tokens": ["b"],
-                            "top_tokens": [], "explanation": None}]
+    assert one["data"] == [
+        {
+            "id": 3,
+            "density": 0.003,
+            "max_activation": 3.0,
+            "activating_tokens": ["b"],
+            "top_tokens": [],
+            "explanation": None,
+        }
+    ]
     assert page["total"] == D_SAE and [f["id"] for f in page["data"]] == list(range(5, 15))
     assert by_token["total"] == D_SAE and len(by_token["data"]) == 3  # every toy feature fires on "b"
     assert none["total"] == 0 and none["data"] == []

@@ -12,7 +12,6 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from sae.hookpoints import SITES
-
 from serve.engine.worker import runtime as steering_runtime
 from serve.engine.worker.runtime import SteeringRuntime
 

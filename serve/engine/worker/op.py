@@ -10,7 +10,6 @@ import torch
 from torch.library import Library
 
 from sae.hookpoints import SITES
-
 from serve.engine.worker import runtime as steering_runtime
 
 _RESID_POST = SITES.index("resid_post")

@@ -56,7 +56,7 @@ class RequestPlan:
     capture_generated: bool = False
 
     @classmethod
-    def from_extra_args(cls, extra: dict | None, prompt_len: int, saes: dict[str, WorkerSAE]) -> "RequestPlan | None":
+    def from_extra_args(cls, extra: dict | None, prompt_len: int, saes: dict[str, WorkerSAE]) -> RequestPlan | None:
         request = decode(extra)
         if request is None:
             return None
@@ -198,8 +198,12 @@ class SteeringRuntime:
         del module  # its tensors live on in `folded` or are freed: the weights are held once
         self.saes[sae_id] = WorkerSAE(sae_id, site_index(hp), folded)
         self._plans.clear()  # plans resolved SAE ids to sites; rebuild against the new set
-        return {"sae_id": sae_id, "hook_point": folded.cfg.hook_point, "d_sae": folded.cfg.d_sae,
-                "bytes": folded.resident_bytes()}
+        return {
+            "sae_id": sae_id,
+            "hook_point": folded.cfg.hook_point,
+            "d_sae": folded.cfg.d_sae,
+            "bytes": folded.resident_bytes(),
+        }
 
     def unload(self, sae_id: str) -> bool:
         self._plans.clear()
@@ -267,14 +271,19 @@ class SteeringRuntime:
         self.captures.expire()
         self.reports.expire()
 
-    def _steer_group(self, sae: WorkerSAE, entries: list, pos: torch.Tensor, n: int) -> tuple[_SteerGroup, torch.Tensor]:
+    def _steer_group(
+        self, sae: WorkerSAE, entries: list, pos: torch.Tensor, n: int
+    ) -> tuple[_SteerGroup, torch.Tensor]:
         """The group's table, and per entry the number of rows it applies to in this step (host tensor [E])."""
         start, end, prompt_len, feature, op, value, mode = (torch.tensor(c) for c in zip(*entries))
         rows = torch.arange(n).unsqueeze(1)  # [n, 1]
         in_request = (rows >= start) & (rows < end)  # [n, E]
         generated = pos.unsqueeze(1) >= prompt_len  # [n, E]
-        pos_ok = ((mode == PositionMode.ALL) | ((mode == PositionMode.PROMPT) & ~generated)
-                  | ((mode == PositionMode.GENERATED) & generated))
+        pos_ok = (
+            (mode == PositionMode.ALL)
+            | ((mode == PositionMode.PROMPT) & ~generated)
+            | ((mode == PositionMode.GENERATED) & generated)
+        )
         applies = in_request & pos_ok  # [n, E] on the host
         mask = applies.to(device=self.device, dtype=torch.float32)
         table = SteeringTable(
@@ -285,7 +294,9 @@ class SteeringRuntime:
         )
         return _SteerGroup(sae, table), applies.sum(dim=0)
 
-    def _plan_capture(self, sites: dict[int, _SitePlan], plan: RequestPlan, start: int, end: int, pos: torch.Tensor) -> None:
+    def _plan_capture(
+        self, sites: dict[int, _SitePlan], plan: RequestPlan, start: int, end: int, pos: torch.Tensor
+    ) -> None:
         assert plan.capture_id is not None
         rows = torch.arange(start, end)
         if not plan.capture_generated:
@@ -337,7 +348,6 @@ class SteeringRuntime:
                     acts[:, item.features].cpu() if item.features is not None else empty,
                 ),
             )
-
 
 
 ACTIVE: SteeringRuntime | None = None

@@ -75,19 +75,29 @@ def _completion_logprobs(lps: list[TokenLogprob], start: int) -> CompletionLogpr
     for lp in lps:
         offsets.append(pos)
         pos += len(lp.token)
-    return CompletionLogprobs(tokens=[lp.token for lp in lps], token_logprobs=[lp.logprob for lp in lps],
-                              top_logprobs=[dict(lp.top) for lp in lps], text_offset=offsets)
+    return CompletionLogprobs(
+        tokens=[lp.token for lp in lps],
+        token_logprobs=[lp.logprob for lp in lps],
+        top_logprobs=[dict(lp.top) for lp in lps],
+        text_offset=offsets,
+    )
 
 
 def _chat_logprobs(lps: list[TokenLogprob]) -> ChatLogprobs:
     def top(token: str, logprob: float) -> TopLogprob:
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
 
-    return ChatLogprobs(content=[
-        ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
-                         top_logprobs=[top(t, v) for t, v in lp.top])
-        for lp in lps
-    ])
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[top(t, v) for t, v in lp.top],
+            )
+            for lp in lps
+        ]
+    )
 
 
 class _Tracker:
@@ -118,8 +128,11 @@ class _Tracker:
             self.ctx.metrics.count_report(item.steering_report)
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
     def failed(self, err: ServeError) -> None:
         self.ctx.metrics.errors.labels(self.endpoint, error_type(err.status)).inc()
@@ -129,8 +142,12 @@ def _sse(obj) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
-def _stream_response(stream: GenerationStream, tracker: _Tracker, to_chunks: Callable[[StreamItem], list],
-                     usage_chunk: Callable[[Usage], object] | None) -> StreamingResponse:
+def _stream_response(
+    stream: GenerationStream,
+    tracker: _Tracker,
+    to_chunks: Callable[[StreamItem], list],
+    usage_chunk: Callable[[Usage], object] | None,
+) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for item in stream.items():
@@ -187,6 +204,7 @@ async def _create_completion(ctx: IngressContext, req: CompletionRequest):
         return CompletionChoice(index=d.index, text=d.text, logprobs=lp, finish_reason=_finish(d.finish_reason))
 
     if req.stream:
+
         def to_chunks(item: StreamItem) -> list:
             return [response.model_copy(update={"choices": [choice(d)]}) for d in item.deltas]
 
@@ -195,8 +213,12 @@ async def _create_completion(ctx: IngressContext, req: CompletionRequest):
 
     texts, lps, finish = await _collect(stream, tracker, req.n)
     response.choices = [
-        CompletionChoice(index=i, text=texts[i], finish_reason=_finish(finish[i]),
-                         logprobs=_completion_logprobs(lps[i], 0) if req.logprobs is not None else None)
+        CompletionChoice(
+            index=i,
+            text=texts[i],
+            finish_reason=_finish(finish[i]),
+            logprobs=_completion_logprobs(lps[i], 0) if req.logprobs is not None else None,
+        )
         for i in range(req.n)
     ]
     response.usage = tracker.usage()
@@ -217,8 +239,9 @@ async def _create_chat_completion(ctx: IngressContext, req: ChatCompletionReques
     model = ctx.config.served_model_name
 
     if req.stream:
-        head = ChatCompletionChunk(id=ChatCompletion(model=model, choices=[]).id, created=int(time.time()),
-                                   model=model, choices=[])
+        head = ChatCompletionChunk(
+            id=ChatCompletion(model=model, choices=[]).id, created=int(time.time()), model=model, choices=[]
+        )
         started: set[int] = set()
 
         def to_chunks(item: StreamItem) -> list:
@@ -238,9 +261,15 @@ async def _create_chat_completion(ctx: IngressContext, req: ChatCompletionReques
     texts, lps, finish = await _collect(stream, tracker, req.n)
     response = ChatCompletion(
         model=model,
-        choices=[ChatChoice(index=i, message=ChatResponseMessage(content=texts[i]), finish_reason=_finish(finish[i]),
-                            logprobs=_chat_logprobs(lps[i]) if req.logprobs else None)
-                 for i in range(req.n)],
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ChatResponseMessage(content=texts[i]),
+                finish_reason=_finish(finish[i]),
+                logprobs=_chat_logprobs(lps[i]) if req.logprobs else None,
+            )
+            for i in range(req.n)
+        ],
         usage=tracker.usage(),
         steering_report=tracker.steering_report,
     )

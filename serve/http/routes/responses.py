@@ -17,25 +17,31 @@ from serve.protocol import ErrorResponse
 
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: a parameter or body field fails validation, or asks for more than this server's limits "
-         "(`param` names the field). Sent instead of 422.",
+    "(`param` names the field). Sent instead of 422.",
     401: "Missing or unknown API key (only when API keys are configured): send `Authorization: Bearer <key>`.",
     403: "The API key is not an admin key.",
     404: "No such model, SAE, feature or plot (`code` says which, e.g. model_not_found, sae_not_found).",
     413: "The request body is larger than the server's limit (`limits.max_body_bytes`).",
     500: "Internal server error (logged by the service).",
     503: "The model or its engine is unavailable (restarting) or the service is overloaded; retry after "
-         "`Retry-After` seconds.",
+    "`Retry-After` seconds.",
 }
 
 _ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": f"Seconds to wait before retrying (usually {RETRY_AFTER_S}).",
-                          "schema": {"type": "integer"}}},
+    503: {
+        "Retry-After": {
+            "description": f"Seconds to wait before retrying (usually {RETRY_AFTER_S}).",
+            "schema": {"type": "integer"},
+        }
+    },
 }
 
-SSE_DESCRIPTION = ("With stream=false: this object as JSON. With stream=true: server-sent events "
-                   "(`text/event-stream`), each `data:` a chunk of this object, ending with `data: [DONE]`; an error "
-                   "after the stream has started arrives as a last event `data: {\"error\": {...}}`.")
+SSE_DESCRIPTION = (
+    "With stream=false: this object as JSON. With stream=true: server-sent events "
+    "(`text/event-stream`), each `data:` a chunk of this object, ending with `data: [DONE]`; an error "
+    'after the stream has started arrives as a last event `data: {"error": {...}}`.'
+)
 SSE_EVENTS = "Server-sent events: `data: <chunk JSON>` lines, ending with `data: [DONE]`."
 PROMETHEUS_DESCRIPTION = f"Prometheus text exposition format (`{CONTENT_TYPE_LATEST}`)."
 
@@ -57,14 +63,23 @@ def json_or_sse(model: type) -> dict[int | str, dict[str, Any]]:
     """The 200 of an endpoint that answers `model` as JSON, or with stream=true as server-sent events."""
     # The event stream's schema is left open: before OpenAPI 3.2 tools disagree on whether `schema` describes the
     # whole body (a string) or each event (an object), and the chunks' shape is given by the JSON schema.
-    return {200: {"model": model, "description": SSE_DESCRIPTION,
-                  "content": {"text/event-stream": {"schema": {"description": SSE_EVENTS}}}}}
+    return {
+        200: {
+            "model": model,
+            "description": SSE_DESCRIPTION,
+            "content": {"text/event-stream": {"schema": {"description": SSE_EVENTS}}},
+        }
+    }
 
 
 def prometheus_text() -> dict[int | str, dict[str, Any]]:
     """The 200 of GET /metrics (with `response_class=Response`, so that no JSON content is declared)."""
-    return {200: {"description": PROMETHEUS_DESCRIPTION,
-                  "content": {"text/plain": {"schema": {"type": "string", "description": PROMETHEUS_DESCRIPTION}}}}}
+    return {
+        200: {
+            "description": PROMETHEUS_DESCRIPTION,
+            "content": {"text/plain": {"schema": {"type": "string", "description": PROMETHEUS_DESCRIPTION}}},
+        }
+    }
 
 
 def png() -> dict[int | str, dict[str, Any]]:

@@ -9,7 +9,16 @@ from serve.errors import InvalidRequest, ServeError
 from serve.http.context import IngressContext
 from serve.http.routes.deps import get_ctx, require_admin, require_user
 from serve.http.routes.responses import errors, png
-from serve.protocol import FeatureCard, FeatureList, RegistryStatus, SAECard, SAEDeleted, SAEInfo, SAEList, SAELoadRequest
+from serve.protocol import (
+    FeatureCard,
+    FeatureList,
+    RegistryStatus,
+    SAECard,
+    SAEDeleted,
+    SAEInfo,
+    SAEList,
+    SAELoadRequest,
+)
 
 router = APIRouter(dependencies=[Depends(require_user)])
 
@@ -35,11 +44,13 @@ async def sae_card(sae_id: str, ctx: IngressContext = Depends(get_ctx)) -> SAECa
 
 
 @router.get("/v1/saes/{sae_id}/features", response_model=FeatureList, responses=errors(400, 401, 404, 503))
-async def feature_list(sae_id: str,
-                       q: str = Query(default="", max_length=200, description="Feature index, or text to find."),
-                       limit: int = Query(default=50, ge=1, le=100_000, description="Summaries per page."),
-                       offset: int = Query(default=0, ge=0, description="Matches to skip."),
-                       ctx: IngressContext = Depends(get_ctx)) -> FeatureList:
+async def feature_list(
+    sae_id: str,
+    q: str = Query(default="", max_length=200, description="Feature index, or text to find."),
+    limit: int = Query(default=50, ge=1, le=100_000, description="Summaries per page."),
+    offset: int = Query(default=0, ge=0, description="Matches to skip."),
+    ctx: IngressContext = Depends(get_ctx),
+) -> FeatureList:
     return await ctx.replica.feature_list(sae_id, q, limit, offset)
 
 
@@ -48,17 +59,21 @@ async def sae_plot(sae_id: str, name: str, ctx: IngressContext = Depends(get_ctx
     return Response(await ctx.replica.sae_plot(sae_id, name), media_type="image/png")
 
 
-@router.get("/v1/saes/{sae_id}/features/{feature}", response_model=FeatureCard,
-            responses=errors(400, 401, 404, 503))
-async def feature_card(sae_id: str, feature: int, top_n: int = Query(default=10, description="Tokens per side."),
-                       ctx: IngressContext = Depends(get_ctx)) -> FeatureCard:
+@router.get("/v1/saes/{sae_id}/features/{feature}", response_model=FeatureCard, responses=errors(400, 401, 404, 503))
+async def feature_card(
+    sae_id: str,
+    feature: int,
+    top_n: int = Query(default=10, description="Tokens per side."),
+    ctx: IngressContext = Depends(get_ctx),
+) -> FeatureCard:
     if not 1 <= top_n <= ctx.config.limits.max_feature_top_n:
         raise InvalidRequest(f"top_n: must be in [1, {ctx.config.limits.max_feature_top_n}]", "top_n")
     return await ctx.replica.feature(sae_id, feature, top_n)
 
 
-@router.post("/v1/saes", response_model=SAEInfo, dependencies=[Depends(require_admin)],
-             responses=errors(400, 401, 403, 413, 503))
+@router.post(
+    "/v1/saes", response_model=SAEInfo, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 413, 503)
+)
 async def load_sae(req: SAELoadRequest, ctx: IngressContext = Depends(get_ctx)) -> SAEInfo:
     try:
         info = await ctx.replica.load_sae(req.path, req.id)
@@ -69,8 +84,12 @@ async def load_sae(req: SAELoadRequest, ctx: IngressContext = Depends(get_ctx)) 
     return info
 
 
-@router.delete("/v1/saes/{sae_id}", response_model=SAEDeleted, dependencies=[Depends(require_admin)],
-               responses=errors(401, 403, 404, 503))
+@router.delete(
+    "/v1/saes/{sae_id}",
+    response_model=SAEDeleted,
+    dependencies=[Depends(require_admin)],
+    responses=errors(401, 403, 404, 503),
+)
 async def unload_sae(sae_id: str, ctx: IngressContext = Depends(get_ctx)) -> SAEDeleted:
     try:
         await ctx.replica.unload_sae(sae_id)
