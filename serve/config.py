@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +47,10 @@ class DeploymentSettings(_Strict):
     )
     num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs Ray reserves per replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica (1 for a vLLM GPU engine).")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="STRICT_PACK",
+        description="Model deployment with TP x PP > 1: how Ray places the replica's engine-worker bundles.",
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments of `Deployment.options`."""
@@ -136,6 +140,32 @@ class ServiceConfig(_Strict):
         if self.sae_registry is not None:
             self.sae_registry = self.sae_registry.expanduser().resolve()
         return self
+
+    def model_serve_options(self) -> dict[str, Any]:
+        """`Deployment.options` of the model deployment: with TP x PP engine workers, resources for all of them.
+
+        With vLLM's `mp` backend (one node) the workers are processes of the replica, so the replica reserves their
+        GPUs itself. With the `ray` backend they are Ray actors that vLLM places in the replica's placement group:
+        one bundle per worker (its GPU, one CPU), the replica's own resources merged into the first bundle, as
+        ray.serve.llm builds it.
+        """
+        opts = self.model.serve_options()
+        workers = self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
+        if workers == 1:
+            return opts
+        actor = opts["ray_actor_options"]
+        gpus_per_worker = self.model.num_gpus
+        if self.engine.distributed_executor_backend != "ray":
+            if gpus_per_worker:
+                actor["num_gpus"] = gpus_per_worker * workers
+            return opts
+        bundle = {"CPU": 1.0, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        bundles = [dict(bundle) for _ in range(workers)]
+        bundles[0]["CPU"] += actor["num_cpus"]
+        actor.pop("num_gpus", None)  # the replica itself needs no GPU: the workers have theirs
+        opts["placement_group_bundles"] = bundles
+        opts["placement_group_strategy"] = self.model.placement_strategy
+        return opts
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServiceConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -21,6 +23,16 @@ class EngineConfig(BaseModel):
         default=None, description="Token budget per step (vLLM default if unset)."
     )
     kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size in GiB.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="Engine workers splitting each layer (TP).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Engine workers splitting the layers (PP).")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        default=None,
+        description="How vLLM runs TP x PP workers: 'mp' local processes (one node), 'ray' actors in the model "
+        "replica's placement group (several nodes); None: vLLM's choice.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Fraction of each GPU vLLM may use (leave room for SAE weights)."
+    )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes (steering is salted).")
     load_dummy_weights: bool = Field(default=False, description="Random weights (tests of large configs).")
     saes: dict[str, str] = Field(default_factory=dict, description="SAE id -> folder loaded at start.")

@@ -129,6 +129,7 @@ class SAEEngine:
         phases.done("model files")
         # Read by vLLM in the engine core process it starts below (the environment is inherited).
         os.environ["VLLM_USE_AOT_COMPILE"] = "1" if config.aot_compile else "0"
+        _bind_cpu_workers(config.tensor_parallel_size * config.pipeline_parallel_size)
         args = AsyncEngineArgs(
             model=str(model_dir),
             dtype=config.dtype,  # type: ignore[arg-type]  # validated by vLLM
@@ -143,6 +144,10 @@ class SAEEngine:
             load_format="dummy" if config.load_dummy_weights else "auto",
             seed=config.seed,
             disable_log_stats=True,
+            tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            distributed_executor_backend=config.distributed_executor_backend,
+            **({"gpu_memory_utilization": config.gpu_memory_utilization} if config.gpu_memory_utilization else {}),
         )
         llm = AsyncLLM.from_engine_args(args)
         try:
@@ -315,7 +320,7 @@ class SAEEngine:
                     update = _to_update(request_id, out)
                     generated += sum(len(o.token_ids) for o in update.outputs)
                     if finished and extra:
-                        left = (await self._llm.collective_rpc("sae_finish", args=(key,)))[0]
+                        left = _merge_ranks(await self._llm.collective_rpc("sae_finish", args=(key,)))
                         if capture is not None:
                             update.captures = left["captures"]
                         if steering:
@@ -391,6 +396,34 @@ def _to_update(request_id: str, out) -> GenerationUpdate:
         finished=out.finished,
         prompt_logprobs=prompt_lp,
     )
+
+
+def _bind_cpu_workers(world_size: int) -> None:
+    """On a CPU host vLLM binds each TP x PP worker's OpenMP threads to a NUMA node of its own and refuses more
+    workers than nodes; on a one-node machine give each worker its share of the allowed cores instead (an explicit
+    VLLM_CPU_OMP_THREADS_BIND wins)."""
+    import torch
+
+    if world_size == 1 or torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < world_size:
+        raise ValueError(f"{world_size} CPU engine workers (tensor x pipeline parallel) need at least {world_size} "
+                         f"cores; this process may use {len(cpus)}")
+    share = len(cpus) // world_size
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(str(c) for c in cpus[r * share : (r + 1) * share]) for r in range(world_size))
+
+
+def _merge_ranks(per_rank: list[dict]) -> dict:
+    """One request's leftovers from every worker: tensor-parallel ranks hold the same rows, a pipeline-parallel rank
+    only those of the layers it owns, so each SAE's captures come from the first rank that has them. Every rank
+    plans the same steering rows: the first rank's report stands for all."""
+    captures: dict = {}
+    for left in per_rank:
+        for sae_id, rows in left["captures"].items():
+            captures.setdefault(sae_id, rows)
+    return {"captures": captures, "report": per_rank[0]["report"]}
 
 
 class _Phases:

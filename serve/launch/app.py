@@ -87,7 +87,7 @@ def application(config: dict[str, Any] | ServiceConfig, engine_factory: EngineFa
     )
     model = (
         serve.deployment(SAEModel, name="SAEModel")
-        .options(**config.model.serve_options())
+        .options(**config.model_serve_options())
         .bind(plain, directory, engine_factory)
     )
     ingress_options = config.ingress.serve_options()

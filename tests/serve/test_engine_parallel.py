@@ -1,0 +1,103 @@
+"""Tensor and pipeline parallel engines on CPU (a tiny Llama-shaped model with dummy weights and even head counts):
+TP=2 and PP=2 steer and capture as TP=1 does. Each engine worker gets one of the box's cores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import pytest_asyncio
+import torch
+
+from serve.engine.config import EngineConfig
+from serve.engine.engine import SAEEngine, Sampling
+from serve.engine.model_files import embedded_model_dir
+from serve.specs import CaptureSpec, SteeringEntry
+from tests.helpers import make_random_sae
+from tests.serve.test_engine_large_config import TINY_LLAMA31
+
+PROMPT = "Hello there, how are you today"
+SAMPLING = Sampling(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = tmp_path_factory.mktemp("tiny-llama-parallel")
+    (model / "config.json").write_text(json.dumps({**TINY_LLAMA31, "torch_dtype": "float32"}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model_dir() / f, model / f)
+    saes = tmp_path_factory.mktemp("saes")
+    # Layer 1 lies on the first pipeline stage, layer 3 on the second. ReLU SAEs: ranks sum their partial results
+    # in another order (differences of 1e-7), which can flip a TopK or JumpReLU cut-off at a near tie and with it a
+    # clamp's coefficient; a ReLU activation moves continuously.
+    make_random_sae(saes / "l1", "blocks.1.resid_post", "relu", d_in=TINY_LLAMA31["hidden_size"], seed=1)
+    make_random_sae(saes / "l3", "blocks.3.mlp_out", "relu", d_in=TINY_LLAMA31["hidden_size"], seed=3)
+    return model, {"l1": str(saes / "l1"), "l3": str(saes / "l3")}
+
+
+async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None) -> dict:
+    """Per steering case: the captures read after steering, the greedy tokens and the steering report. The steered
+    features are the strongest ones at the last prompt token unless given (a parallel engine is compared on the
+    single engine's specs)."""
+    model, saes = tiny
+    config = EngineConfig(
+        model=str(model),
+        enforce_eager=True,
+        load_dummy_weights=True,
+        max_model_len=256,
+        kv_cache_gib=0.25,
+        saes=saes,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+    )
+    capture = CaptureSpec(saes=["l1", "l3"], top_k=4)
+    async with SAEEngine.started(config) as engine:
+        assert engine.steering_refused is None  # the probe passed at both sites
+        if features is None:
+            res = await engine.activations(PROMPT, capture)
+            features = {s: res.per_sae[s]["top_indices"][-1][0] for s in ("l1", "l3")}
+        out: dict = {"features": features}
+        for name, steering in {
+            "plain": [],
+            "add": [SteeringEntry(sae="l1", feature=features["l1"], value=0.5)],
+            "clamp": [SteeringEntry(sae="l1", feature=features["l1"], value=3.0, op="clamp")],
+            "mul_late": [SteeringEntry(sae="l3", feature=features["l3"], value=3.0, op="mul")],
+        }.items():
+            res = await engine.activations(PROMPT, capture, steering)
+            tokens, report = [], None
+            async for u in engine.generate(PROMPT, SAMPLING, steering):
+                tokens += [t for o in u.outputs for t in o.token_ids]
+                report = u.steering_report or report
+            out[name] = {
+                "captures": res.per_sae,
+                "tokens": tokens,
+                "report": [(r.steered_tokens, r.status) for r in report or []],
+            }
+    return out
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def single(tiny):
+    return await outcome(tiny, 1, 1)
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+async def test_parallel_engine_steers_and_captures_as_one_worker(tiny, single, tp, pp):
+    got = await outcome(tiny, tp, pp, single["features"])
+    assert single["add"]["tokens"] != single["plain"]["tokens"], "steering changed nothing: the check is vacuous"
+    for case in ("plain", "add", "clamp", "mul_late"):
+        want, have = single[case], got[case]
+        assert have["report"] == want["report"], case
+        for sae_id in ("l1", "l3"):  # read after the steering at that site: steering ran on every rank alike
+            assert have["captures"][sae_id]["positions"] == want["captures"][sae_id]["positions"]
+            torch.testing.assert_close(
+                torch.tensor(have["captures"][sae_id]["top_values"]),
+                torch.tensor(want["captures"][sae_id]["top_values"]),
+                rtol=1e-3,
+                atol=1e-4,
+            )
+        # Dummy weights give near-tied logits, and ranks sum their partial logits in another order (1e-7): greedy
+        # tokens are compared where steering left a margin (the early layer), activations everywhere.
+        if case != "mul_late":
+            assert have["tokens"] == want["tokens"], case
