@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serve.engine import codec
 from serve.engine.config import EngineConfig
@@ -130,6 +131,9 @@ class SAEEngine:
         # Read by vLLM in the engine core process it starts below (the environment is inherited).
         os.environ["VLLM_USE_AOT_COMPILE"] = "1" if config.aot_compile else "0"
         _bind_cpu_workers(config.tensor_parallel_size * config.pipeline_parallel_size)
+        optional: dict[str, Any] = {}  # vLLM's own default where the config leaves a field unset
+        if config.gpu_memory_utilization is not None:
+            optional["gpu_memory_utilization"] = config.gpu_memory_utilization
         args = AsyncEngineArgs(
             model=str(model_dir),
             dtype=config.dtype,  # type: ignore[arg-type]  # validated by vLLM
@@ -147,7 +151,7 @@ class SAEEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             pipeline_parallel_size=config.pipeline_parallel_size,
             distributed_executor_backend=config.distributed_executor_backend,
-            **({"gpu_memory_utilization": config.gpu_memory_utilization} if config.gpu_memory_utilization else {}),
+            **optional,
         )
         llm = AsyncLLM.from_engine_args(args)
         try:
@@ -408,11 +412,14 @@ def _bind_cpu_workers(world_size: int) -> None:
         return
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < world_size:
-        raise ValueError(f"{world_size} CPU engine workers (tensor x pipeline parallel) need at least {world_size} "
-                         f"cores; this process may use {len(cpus)}")
+        raise ValueError(
+            f"{world_size} CPU engine workers (tensor x pipeline parallel) need at least {world_size} "
+            f"cores; this process may use {len(cpus)}"
+        )
     share = len(cpus) // world_size
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-        ",".join(str(c) for c in cpus[r * share : (r + 1) * share]) for r in range(world_size))
+        ",".join(str(c) for c in cpus[r * share : (r + 1) * share]) for r in range(world_size)
+    )
 
 
 def _merge_ranks(per_rank: list[dict]) -> dict:
