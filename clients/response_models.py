@@ -24,6 +24,16 @@ class Usage(_Response):
 # --- models, health -------------------------------------------------------------------------------------------------
 
 
+class SteeringReport(_Response):
+    """What one steering entry of a request did."""
+
+    index: int = Field(description="Place of the entry in the request's steering list.")
+    sae: str = Field(description="SAE id of the entry.")
+    feature: int = Field(description="Feature index of the entry.")
+    steered_tokens: int = Field(description="Token rows this entry steered.")
+    status: str = Field(description="applied | no_tokens | not_applied | sae_not_loaded.")
+
+
 class ModelCard(_Response):
     id: str = Field(description="Served model name.")
     object: Literal["model"] = Field(default="model", description="Object type.")
@@ -66,6 +76,9 @@ class Completion(_Response):
     model: str = Field(description="Served model name.")
     choices: list[CompletionChoice] = Field(description="Choices (one per chunk when streaming).")
     usage: Usage | None = Field(default=None, description="Token usage.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, description="Steered requests: what each steering entry did (the last chunk of a stream)."
+    )
     system_fingerprint: str | None = Field(default=None, description="Always null.")
 
     @property
@@ -112,6 +125,9 @@ class ChatCompletion(_Response):
     model: str = Field(description="Served model name.")
     choices: list[ChatChoice] = Field(description="Choices.")
     usage: Usage | None = Field(default=None, description="Token usage.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, description="Steered requests: what each steering entry did (the last chunk of a stream)."
+    )
     system_fingerprint: str | None = Field(default=None, description="Always null.")
 
     @property
@@ -139,6 +155,9 @@ class ChatCompletionChunk(_Response):
     model: str = Field(description="Served model name.")
     choices: list[ChatChunkChoice] = Field(description="Empty on the usage chunk.")
     usage: Usage | None = Field(default=None, description="On the usage chunk only.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, description="Steered requests: what each steering entry did (the last chunk of a stream)."
+    )
     system_fingerprint: str | None = Field(default=None, description="Always null.")
 
     @property
@@ -174,6 +193,9 @@ class ActivationsResponse(_Response):
     generated_text: str = Field(description="The continuation, if any.")
     tokens: list[ActivationToken] = Field(description="One row per token.")
     usage: Usage = Field(description="Token usage.")
+    steering_report: list[SteeringReport] | None = Field(
+        default=None, description="Steered requests: what each steering entry did (the last chunk of a stream)."
+    )
 
 
 # --- SAEs -----------------------------------------------------------------------------------------------------------
@@ -187,6 +209,7 @@ class SAEInfo(_Response):
     d_in: int = Field(description="Input width (d_model).")
     d_sae: int = Field(description="Number of features.")
     version: str = Field(description="Tag that changes when its weights change.")
+    bytes: int | None = Field(default=None, description="Bytes its weights take in the engine's worker, held once.")
 
 
 class SAEList(_Response):

@@ -110,7 +110,7 @@ def test_corrupt_and_mismatched_publishes_are_rejected_and_serving_continues(ser
 
     broken = service.registry / "broken"
     broken.mkdir()
-    (broken / "sae.json").write_text((service.registry / SAE_ID / "sae.json").read_text())
+    (broken / "sae.json").write_text((service.registry / SAE_ID / "v1" / "sae.json").read_text())
     (broken / "sae.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     write_manifest_entry(service.registry, "broken", 1)
     entry = wait_for_state(service, "broken", 1, "rejected")

