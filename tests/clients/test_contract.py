@@ -159,23 +159,29 @@ def test_response_body_matches(openapi, name):
 
 
 def test_stream_chunks_carry_the_sdk_chunk_fields(service):
-    """Chunks travel as SSE, outside OpenAPI: read real ones and compare their keys with the SDK's chunk models."""
-    body = {
-        "model": service.model,
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 4,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    with service.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
-        events = [json.loads(line[len("data: ") :]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert len(events) >= 2
+    """Chunks travel as SSE, outside OpenAPI: read real ones and compare their keys with the SDK's chunk models.
+    `steering_report` is sent on the last chunk of a steered stream only."""
     chunk = ROUTES["chat"].chunk
-    for event in events:
-        assert set(event) == set(chunk.model_fields)
-        for choice in event["choices"]:
-            assert set(choice) == set(ChatChunkChoice.model_fields)
-            assert set(choice["delta"]) == set(ChatDelta.model_fields)
+    for steering in ([], [{"sae": "toy", "feature": 1, "value": 1.0}]):
+        body = {
+            "model": service.model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "steering": steering,
+        }
+        with service.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = [json.loads(line[len("data: ") :]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert len(events) >= 2
+        reported = [i for i, e in enumerate(events) if "steering_report" in e]
+        # The usage chunk comes after the last content chunk, which carries the report.
+        assert reported == ([len(events) - 2] if steering else [])
+        for event in events:
+            assert set(event) | {"steering_report"} == set(chunk.model_fields)
+            for choice in event["choices"]:
+                assert set(choice) == set(ChatChunkChoice.model_fields)
+                assert set(choice["delta"]) == set(ChatDelta.model_fields)
 
 
 def test_the_shape_check_catches_a_renamed_field(openapi):
