@@ -19,16 +19,24 @@ class ServeError(Exception):
 
     status: ClassVar[int] = 500
     default_code: ClassVar[str | None] = None
+    default_message: ClassVar[str] = "the request failed"
+    default_headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(
-        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
+        message = message if message is not None else self.default_message
+        headers = headers if headers is not None else self.default_headers
         # All four in args, so that pickling (Ray) rebuilds the same exception.
         super().__init__(message, param, code, headers)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
-        self.headers = headers
+        self.headers = dict(headers) if headers is not None else None
 
     def __str__(self) -> str:
         return self.message
@@ -42,11 +50,6 @@ class InvalidRequest(ServeError):
 
 class SpecError(InvalidRequest):
     """400: a steering or capture spec that cannot run; `param` names the offending field."""
-
-    def __init__(
-        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(message, param, code, headers)
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -85,41 +88,21 @@ class Unavailable(ServeError):
     """503: retry later; carries Retry-After."""
 
     status = 503
-
-    def __init__(
-        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(message, param, code, headers or {"Retry-After": str(RETRY_AFTER_S)})
+    default_headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class EngineUnavailable(Unavailable):
     """503: the replica's engine is not running (not started, shut down or dead)."""
 
     default_code = "engine_unavailable"
-
-    def __init__(
-        self,
-        message: str = "the engine is not running; retry shortly",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message, param, code, headers)
+    default_message = "the engine is not running; retry shortly"
 
 
 class ModelUnavailable(Unavailable):
     """503: no model replica answers (killed, restarting)."""
 
     default_code = "model_unavailable"
-
-    def __init__(
-        self,
-        message: str = "the model is unavailable; retry shortly",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message, param, code, headers)
+    default_message = "the model is unavailable; retry shortly"
 
 
 class Overloaded(Unavailable):

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve.engine import codec
 from serve.engine.config import EngineConfig
@@ -33,6 +33,9 @@ from serve.specs import (
     validate_capture,
     validate_steering,
 )
+
+if TYPE_CHECKING:
+    from sae import SparseAutoencoder
 
 logger = logging.getLogger("sae_serve")
 
@@ -197,21 +200,10 @@ class SAEEngine:
 
     async def load_sae(self, path: str | Path, sae_id: str | None = None) -> SAEMeta:
         """Validate in the driver, then load on every worker; a bad SAE raises and changes nothing."""
-        from sae import load_sae, validate_for_model
-
         self._check_running()
         path = Path(path)
-        module = load_sae(path)  # reads and checks shapes/finite values before any worker is touched
-        validate_for_model(module.cfg, self.d_model, self.n_layers)
-        sae_id = sae_id or path.name
-        meta = SAEMeta(
-            sae_id=sae_id,
-            hook_point=module.cfg.hook_point,
-            d_in=module.cfg.d_in,
-            d_sae=module.cfg.d_sae,
-            architecture=module.cfg.architecture,
-            version=_weights_digest(path),
-        )
+        module, meta = read_sae(path, sae_id or path.name, self.d_model, self.n_layers)
+        sae_id = meta.sae_id
         async with self._sae_lock:
             with _engine_down_errors():
                 loaded = await self._llm.collective_rpc("sae_load", args=(sae_id, str(path)))
@@ -470,6 +462,24 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
             logger.error("steering[%d] (%s feature %d) steered no token: %s", i, e.sae, e.feature, status)
         out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
     return out
+
+
+def read_sae(path: Path, sae_id: str, d_model: int, n_layers: int) -> tuple[SparseAutoencoder, SAEMeta]:
+    """The SAE module and its metadata, read and checked (shapes, finite values, fit to the model) before any
+    worker is touched; raises for a bad folder."""
+    from sae import load_sae, validate_for_model
+
+    module = load_sae(path)
+    validate_for_model(module.cfg, d_model, n_layers)
+    meta = SAEMeta(
+        sae_id=sae_id,
+        hook_point=module.cfg.hook_point,
+        d_in=module.cfg.d_in,
+        d_sae=module.cfg.d_sae,
+        architecture=module.cfg.architecture,
+        version=_weights_digest(path),
+    )
+    return module, meta
 
 
 def _weights_digest(folder: Path) -> str:

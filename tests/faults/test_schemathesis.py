@@ -46,6 +46,18 @@ FEW_CHOICES = 2
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 
 
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings of one operation's fuzzing: reproducible, no example database, no deadline."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+
+
 @pytest.fixture(scope="module")
 def api_schema(service):
     return schemathesis.openapi.from_url(f"{service.base_url}/openapi.json")
@@ -108,14 +120,7 @@ def test_generated_requests_get_no_5xx_and_openai_shaped_4xx(service, api_schema
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
     seen: dict[int, int] = {}
 
-    @settings(
-        max_examples=EXAMPLES_PER_OPERATION,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(EXAMPLES_PER_OPERATION)
     @given(case=cases, aimed=st.booleans())
     def check(case, aimed):
         if aimed:

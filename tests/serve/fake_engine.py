@@ -13,6 +13,7 @@ through pickle, as across Ray, so no replica shares state with the directory by 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import pickle
 import uuid
@@ -21,9 +22,9 @@ from pathlib import Path
 
 from serve.directory.deployment import SAEDirectory
 from serve.engine.config import EngineConfig
-from serve.engine.engine import GenerationUpdate, OutputDelta, Sampling, _report, _weights_digest
-from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable
-from serve.specs import CaptureSpec, SAEMeta, SteeringEntry, validate_capture, validate_steering
+from serve.engine.engine import GenerationUpdate, OutputDelta, SAEEngine, Sampling, _report, read_sae
+from serve.errors import EngineUnavailable
+from serve.specs import CaptureSpec, SAEMeta, SteeringEntry
 
 # The embedded model (SmolLM2-135M-Instruct), as the real engine reports after `sae_attach`.
 D_MODEL = 576
@@ -107,22 +108,13 @@ class FakeEngine:
 
     async def load_sae(self, path: str | Path, sae_id: str | None = None) -> SAEMeta:
         """As SAEEngine.load_sae: read and validate the folder (raising for a bad one), then record its meta."""
-        from sae import load_sae, validate_for_model
-
         self._check_running()
         path = Path(path)
-        module = load_sae(path)
-        validate_for_model(module.cfg, self.d_model, self.n_layers)
-        sae_id = sae_id or path.name
-        meta = SAEMeta(
-            sae_id=sae_id,
-            hook_point=module.cfg.hook_point,
-            d_in=module.cfg.d_in,
-            d_sae=module.cfg.d_sae,
-            architecture=module.cfg.architecture,
-            version=_weights_digest(path),
-            resident_bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
+        module, meta = read_sae(path, sae_id or path.name, self.d_model, self.n_layers)
+        meta = dataclasses.replace(
+            meta, resident_bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values())
         )
+        sae_id = meta.sae_id
         async with self._sae_lock:
             await asyncio.sleep(0)  # the workers' RPC
             self._check_running()
@@ -138,16 +130,8 @@ class FakeEngine:
             await asyncio.sleep(0)
 
     # --- generation --------------------------------------------------------------------------------------------
-    def _check_specs(self, steering: list[SteeringEntry], capture: CaptureSpec | None, n: int) -> None:
-        if steering and self.steering_refused is not None:
-            raise SteeringUnavailable(self.steering_refused, "steering")
-        if len(steering) > self.config.max_steering_entries:
-            raise SpecError(f"steering: at most {self.config.max_steering_entries} entries", "steering")
-        validate_steering(steering, self._saes, self.config.max_abs_steering_value)
-        if capture is not None:
-            if n != 1:
-                raise SpecError("n: feature capture needs n == 1", "n")
-            validate_capture(capture, self._saes)
+    # The real engine's checks, on this engine's SAEs, config and refusal.
+    _check_specs = SAEEngine._check_specs
 
     def _tick(self) -> None:
         """Count one update; die when `die_after` is reached."""

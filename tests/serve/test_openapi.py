@@ -13,7 +13,7 @@ import hashlib
 import pytest
 import schemathesis
 from fastapi.routing import APIRoute
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -41,7 +41,7 @@ from serve.protocol import (
     Usage,
 )
 from tests.faults.openai_shape import assert_clean_4xx
-from tests.faults.test_schemathesis import _aim_at_the_service
+from tests.faults.test_schemathesis import _aim_at_the_service, fuzz_settings
 from tests.serve.test_service_api import MODEL, FakeHandle, ScriptedModel, make_client
 
 pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
@@ -248,14 +248,7 @@ def test_schemathesis_in_process_finds_the_answers_documented(served):
             operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
         )
 
-        @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            phases=[Phase.explicit, Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
+        @fuzz_settings(EXAMPLES_PER_OPERATION)
         @given(
             case=cases,
             aimed=st.booleans(),

@@ -237,7 +237,8 @@ class SteeringRuntime:
             start, end = int(qsl[i]), int(qsl[i + 1])
             if start == end:
                 continue
-            decode_only = decode_only and bool((pos[start:end] >= plan.prompt_len).all())
+            if self._skip_decode:  # the fault switch only: not worth a per-step pass otherwise
+                decode_only = decode_only and bool((pos[start:end] >= plan.prompt_len).all())
             for site, entries in plan.steer.items():
                 for e in entries:
                     steer_rows.setdefault((site, e.sae), []).append(
