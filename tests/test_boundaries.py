@@ -95,7 +95,13 @@ def _resolve_base(path: Path, node: ast.ImportFrom, root: Path) -> str:
 @cache
 def _parsed(path: Path) -> tuple[ast.Module, list[str]]:
     source = path.read_text(encoding="utf-8")
-    return ast.parse(source, filename=str(path)), source.splitlines()
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SystemError:
+        # CPython 3.11's AST conversion keeps one recursion counter per interpreter; a thread another test left
+        # running can make it raise "AST constructor recursion depth mismatch". Parsing again gives the real tree.
+        tree = ast.parse(source, filename=str(path))
+    return tree, source.splitlines()
 
 
 def imports_of(path: Path, root: Path = ROOT) -> list[tuple[str, int]]:
