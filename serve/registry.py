@@ -70,7 +70,10 @@ def resolve(registry: Path | None, path: str) -> Path:
     """The folder an admin request names; ValueError unless it lies inside the registry."""
     if registry is None:
         raise ValueError("no sae_registry is configured, so no SAE can be loaded at run time")
-    candidate = Path(path).expanduser()
+    try:
+        candidate = Path(path).expanduser()
+    except RuntimeError:  # "~user/..." of a user this machine does not know
+        raise ValueError(f"path {path!r} names the home folder of an unknown user") from None
     target = (candidate if candidate.is_absolute() else registry / candidate).resolve()
     if target != registry and registry not in target.parents:
         raise ValueError(f"path {path!r} is outside the SAE registry")

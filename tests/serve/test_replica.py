@@ -460,6 +460,7 @@ async def test_bad_admin_loads_are_invalid_requests_and_change_nothing(replicas,
         ("corrupt", None, "path"),
         (str(tmp_path / "outside"), None, "path"),
         ("missing", None, "path"),
+        ("~no-such-user-here/s1", None, "path"),  # pathlib cannot expand it: RuntimeError, not a 500
         ("s1", "bad id!", "id"),
     ]:
         with pytest.raises(InvalidRequest) as e:
