@@ -31,8 +31,8 @@ class SteeringReport(_Response):
     sae: str = Field(description="SAE id of the entry.")
     feature: int = Field(description="Feature index of the entry.")
     steered_tokens: int = Field(description="Token rows this entry steered.")
-    status: Literal["applied", "no_tokens", "not_applied", "sae_not_loaded"] = Field(
-        description="applied | no_tokens | not_applied | sae_not_loaded."
+    status: Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity"] = Field(
+        description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity."
     )
 
 

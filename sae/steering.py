@@ -6,6 +6,14 @@ Ops (`SteerOp`), per token row r and entry e with feature i, value v and decoder
     mul     x += (v - 1) · f_i(x) · d_i          the activation is multiplied by v
     h_bias  pre_i += v, and x += decode(f(pre + bias)) - decode(f(pre))   (the SAE error term is kept)
 With nothing steered the delta is exactly zero, so the output equals the unsteered output.
+
+Two forms of the same math:
+- `slot_delta` is the serving path: fixed-shape tensor work on a `SlotTable` (one slot per steering entry in the
+  step) that the host fills between steps, with no host synchronisation and no data-dependent shape, so a CUDA graph
+  captured around it replays whatever the slots hold. It covers every op on ReLU and JumpReLU SAEs and `add` on all.
+- `steering_delta` encodes only the rows and columns it needs, with data-dependent shapes: the path for latent ops
+  (clamp, mul, h_bias) on TopK SAEs, whose activation of one latent depends on the row's k-th largest
+  pre-activation (a full encode), and the reference `slot_delta` is tested against.
 """
 
 from __future__ import annotations
@@ -89,9 +97,93 @@ class FoldedSAE:
         return pre * (pre > thr)
 
 
+EMPTY_SLOT = -2  # owner of an unused slot; rows outside any steering request have owner -1, so neither matches
+
+
+@dataclass
+class SlotTable:
+    """Persistent steering slots of one hook site: slot u holds one entry of one request in the step (its SAE
+    feature's encoder column, threshold and decoder row, op and value, and which of the owner's rows it steers).
+    Allocated once at full capacity; only contents change between steps."""
+
+    read: torch.Tensor  # [d_in, U] folded encoder column of the slot's feature
+    read_bias: torch.Tensor  # [U]
+    threshold: torch.Tensor  # [U] activation threshold: 0 for ReLU, the latent's threshold for JumpReLU
+    write: torch.Tensor  # [U, d_in] decoder row
+    op: torch.Tensor  # [U] long, SteerOp values
+    value: torch.Tensor  # [U]
+    owner: torch.Tensor  # [U] long, the owning request's id in the step's row table; EMPTY_SLOT when unused
+    on_prompt: torch.Tensor  # [U] bool, steers the owner's prompt rows
+    on_generated: torch.Tensor  # [U] bool, steers the owner's generated rows
+
+    @classmethod
+    def allocate(cls, d_in: int, capacity: int, device: torch.device) -> SlotTable:
+        f32, zeros = torch.float32, torch.zeros
+        return cls(
+            read=zeros(d_in, capacity, dtype=f32, device=device),
+            read_bias=zeros(capacity, dtype=f32, device=device),
+            threshold=zeros(capacity, dtype=f32, device=device),
+            write=zeros(capacity, d_in, dtype=f32, device=device),
+            op=zeros(capacity, dtype=torch.long, device=device),
+            value=zeros(capacity, dtype=f32, device=device),
+            owner=torch.full((capacity,), EMPTY_SLOT, dtype=torch.long, device=device),
+            on_prompt=zeros(capacity, dtype=torch.bool, device=device),
+            on_generated=zeros(capacity, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.op.shape[0]
+
+    def fill(self, start: int, sae: FoldedSAE, features: torch.Tensor, ops, values, owners, prompt, generated) -> None:
+        """Write slots [start, start + len(features)) for entries of one SAE (host lists or tensors per slot)."""
+        end = start + len(features)
+        self.read[:, start:end] = sae.W_enc[:, features]
+        self.read_bias[start:end] = sae.b_enc[features]
+        self.threshold[start:end] = sae.threshold[features] if sae.threshold is not None else 0.0
+        self.write[start:end] = sae.W_dec[features]
+        for buf, src in ((self.op, ops), (self.value, values), (self.owner, owners)):
+            buf[start:end] = torch.as_tensor(src, dtype=buf.dtype)
+        self.on_prompt[start:end] = torch.as_tensor(prompt, dtype=torch.bool)
+        self.on_generated[start:end] = torch.as_tensor(generated, dtype=torch.bool)
+
+    def clear(self, start: int) -> None:
+        """Free slots from `start` on: they match no row, so they contribute exactly zero."""
+        self.owner[start:] = EMPTY_SLOT
+        self.value[start:] = 0.0
+
+
+def slot_delta(
+    x: torch.Tensor, table: SlotTable, row_owner: torch.Tensor, row_generated: torch.Tensor, used: int | None = None
+) -> torch.Tensor:  # [T, d_in] -> [T, d_in]
+    """The change every slot makes to the rows it owns, with fixed shapes: `row_owner` [>= T] long (-1: no
+    steering request) and `row_generated` [>= T] bool are the step's row table. `used` limits the work to the first
+    slots where the caller knows the rest are free (never inside a captured graph: there all slots are computed).
+    A slot's latent activation is f = pre · [pre > threshold] (ReLU, JumpReLU); h_bias adds act(pre + v) − f."""
+    t = table
+    cols = slice(None) if used is None else slice(0, used)
+    n = x.shape[0]
+    pre = x @ t.read[:, cols] + t.read_bias[cols]  # [T, U]
+    thr, v, op = t.threshold[cols], t.value[cols], t.op[cols]
+    f = pre * (pre > thr)
+    biased = pre + v
+    coef = torch.where(
+        op == SteerOp.ADD,
+        v,
+        torch.where(
+            op == SteerOp.CLAMP,
+            v - f,
+            torch.where(op == SteerOp.MUL, (v - 1.0) * f, biased * (biased > thr) - f),
+        ),
+    )
+    gen = row_generated[:n].unsqueeze(1)  # [T, 1]
+    applies = (row_owner[:n].unsqueeze(1) == t.owner[cols]) & torch.where(gen, t.on_generated[cols], t.on_prompt[cols])
+    return (coef * applies) @ t.write[cols]
+
+
 @dataclass
 class SteeringTable:
-    """All steering entries of one SAE at one site in one step."""
+    """Steering entries of one SAE at one site in one step, for `steering_delta`."""
 
     features: torch.Tensor  # [E] long
     ops: torch.Tensor  # [E] long, SteerOp values

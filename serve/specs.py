@@ -60,7 +60,11 @@ class SAEMeta:
     resident_bytes: int = 0  # of its weights in the worker (per rank that holds its layer)
 
 
-def validate_steering(entries: list[SteeringEntry], saes: dict[str, SAEMeta], max_abs_value: float) -> None:
+def validate_steering(
+    entries: list[SteeringEntry], saes: dict[str, SAEMeta], max_abs_value: float, static: bool = False
+) -> None:
+    """`static`: the engine steers inside captured CUDA graphs, where latent ops on TopK SAEs cannot run."""
+    h_biased: dict[tuple[str, int], int] = {}
     for i, e in enumerate(entries):
         meta = saes.get(e.sae)
         if meta is None:
@@ -75,13 +79,31 @@ def validate_steering(entries: list[SteeringEntry], saes: dict[str, SAEMeta], ma
             raise SpecError(
                 f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value"
             )
+        if static and e.op != "add" and meta.architecture == "topk":
+            raise SpecError(
+                f"steering[{i}].op: {e.op} on a TopK SAE needs a full encode of every row (its k-th largest "
+                f"pre-activation), which this engine does not run inside its CUDA graphs; use add, or an engine "
+                f"with enforce_eager: true",
+                f"steering[{i}].op",
+            )
+        if e.op == "h_bias":
+            first = h_biased.setdefault((e.sae, e.feature), i)
+            if first != i:
+                raise SpecError(
+                    f"steering[{i}]: a second h_bias on feature {e.feature} of {e.sae!r} (first: steering[{first}]); "
+                    f"biases of one latent do not add after its activation: send their sum in one entry",
+                    f"steering[{i}]",
+                )
 
 
-def validate_capture(spec: CaptureSpec, saes: dict[str, SAEMeta]) -> None:
+def validate_capture(spec: CaptureSpec, saes: dict[str, SAEMeta], max_sites: int | None = None) -> None:
     for i, sae_id in enumerate(spec.saes):
         if sae_id not in saes:
             known = ", ".join(sorted(saes)) or "none loaded"
             raise SpecError(f"saes[{i}]: unknown SAE {sae_id!r} (loaded: {known})", f"saes[{i}]")
+    sites = {saes[s].hook_point for s in spec.saes}
+    if max_sites is not None and len(sites) > max_sites:
+        raise SpecError(f"saes: {len(sites)} hook points; this engine captures at most {max_sites} at once", "saes")
     for sae_id, idx in spec.features.items():
         if sae_id not in spec.saes:
             raise SpecError(f"features: SAE {sae_id!r} is not among the captured saes", "features")
@@ -100,7 +122,7 @@ def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) 
     return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
 
 
-ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded"]
+ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity"]
 
 
 class SteeringReport(BaseModel):
@@ -116,4 +138,4 @@ class SteeringReport(BaseModel):
     sae: str = Field(description="SAE id of the entry.")
     feature: int = Field(description="Feature index of the entry.")
     steered_tokens: int = Field(description="Token rows this entry steered.")
-    status: ReportStatus = Field(description="applied | no_tokens | not_applied | sae_not_loaded.")
+    status: ReportStatus = Field(description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity.")

@@ -9,6 +9,7 @@ captured rows under it, and the facade pops them under it when the request ends.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -19,7 +20,23 @@ from sae.steering import SteerOp
 if TYPE_CHECKING:
     from serve.specs import CaptureSpec, SteeringEntry
 
-EXTRA_ARGS_KEY = "sae_serve"
+EXTRA_ARGS_KEY = "sae_serve"  # in SamplingParams.extra_args (per request) and vLLM's additional_config (per engine)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """The engine config's part that the workers read, carried in vLLM's `additional_config`."""
+
+    static_steering: bool | None  # None: static exactly when vLLM captures CUDA graphs
+    steering_slots: int  # steering entries one hook site holds in one step
+    capture_sites: int  # hook points one step captures at
+
+    def to_additional_config(self) -> dict:
+        return {EXTRA_ARGS_KEY: dataclasses.asdict(self)}
+
+    @classmethod
+    def from_additional_config(cls, additional: dict | None) -> WorkerOptions:
+        return cls(**(additional or {})[EXTRA_ARGS_KEY])
 
 
 class PositionMode(IntEnum):

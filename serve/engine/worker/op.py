@@ -1,7 +1,8 @@
 """The `torch.ops.sae_serve.hook` custom op: an opaque call inside the compiled graph into the SteeringRuntime.
 
-Being a custom op (like vLLM's attention) keeps it out of Dynamo's trace, so the step-dependent Python in the
-runtime runs on every step while the rest of the layer stays compiled.
+Being a custom op (like vLLM's attention) keeps it out of Dynamo's trace while the rest of the layer stays
+compiled. Its body is tensor work on the runtime's persistent buffers (`SteeringRuntime.apply`): in static mode
+a fixed sequence of kernels, so that a CUDA graph captured around it replays correctly with new buffer contents.
 """
 
 from __future__ import annotations

@@ -1,26 +1,29 @@
 """Worker-side SAE state: loaded SAEs, per-request plans, the per-step row plan, steering and capture.
 
-Lives in the vLLM worker process. The model's uncompiled outer `forward` calls `begin_step` once per step to map
-batch rows to requests; the compiled graph calls `apply` at every hook site through an opaque custom op
-(`serve/engine/worker/op.py`), so Python conditions here run at step time instead of being frozen at trace time.
+Lives in the vLLM worker process. The model runner's forward call (outside any captured graph; see
+`extension.py`) calls `begin_step` once per step to fill the step's tables; the model calls `apply` at every hook
+site through a custom op (`serve/engine/worker/op.py`) whose work on those tables has fixed shapes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from sae import load_sae
 from sae.hookpoints import SITES, HookPoint
-from sae.steering import FoldedSAE, SteeringTable, steering_delta
-from serve.engine.codec import EncodedEntry, PositionMode, decode
+from sae.steering import FoldedSAE, SlotTable, SteeringTable, SteerOp, slot_delta, steering_delta
+from serve.engine.codec import EncodedEntry, PositionMode, WorkerOptions, decode
 
 CAPTURE_TTL_S = 600.0
+NO_OWNER = -1  # row_owner of a token row outside any steering request
 # Fault injection for tests: the hook op leaves decode-only steps unsteered, as a CUDA graph captured around a
 # Python hook would. The engine's start-up probe must catch it.
 FAULT_SKIP_DECODE_ENV = "SAE_SERVE_FAULT_SKIP_DECODE_STEERING"
@@ -49,6 +52,10 @@ class RequestPlan:
     prompt_len: int
     steer: dict[int, list[EncodedEntry]]  # site -> entries
     missing: list[int] = field(default_factory=list)  # entries whose SAE is not loaded here
+    slotted: dict[int, list[EncodedEntry]] = field(default_factory=dict)  # site -> entries run from slot tables
+    topk: dict[int, list[EncodedEntry]] = field(default_factory=dict)  # site -> latent ops on TopK SAEs
+    owner: int = NO_OWNER  # this request's id in the row and slot tables
+    left_out: set[int] = field(default_factory=set)  # entries without a slot in the current tables
     capture_id: str | None = None
     capture_saes: list[str] = field(default_factory=list)
     capture_top_k: int = 0
@@ -69,6 +76,10 @@ class RequestPlan:
                 continue
             steer.setdefault(sae.site, []).append(entry)
         plan = cls(key=request.key, prompt_len=prompt_len, steer=steer, missing=missing)
+        for site, entries in steer.items():
+            for entry in entries:
+                full = entry.op != SteerOp.ADD and saes[entry.sae].folded.needs_full_encode
+                (plan.topk if full else plan.slotted).setdefault(site, []).append(entry)
         cap = request.capture
         if cap is not None:
             plan.capture_id = request.key
@@ -81,7 +92,7 @@ class RequestPlan:
 
 @dataclass
 class _SteerGroup:
-    """All steering entries of one SAE at one site in this step."""
+    """Latent-op entries of one TopK SAE at one site in this step (the full-encode path)."""
 
     sae: WorkerSAE
     table: SteeringTable
@@ -91,6 +102,7 @@ class _SteerGroup:
 class _CaptureItem:
     capture_id: str
     sae: WorkerSAE
+    tap: int  # row of the tap buffer holding the site's activations after this step
     rows: torch.Tensor  # [r] long
     positions: torch.Tensor  # [r] long
     top_k: int
@@ -98,9 +110,12 @@ class _CaptureItem:
 
 
 @dataclass
-class _SitePlan:
-    steer: list[_SteerGroup] = field(default_factory=list)
-    capture: list[_CaptureItem] = field(default_factory=list)
+class _LiveSite:
+    """What one hook site does in this step, for the per-step path (the static path computes every site)."""
+
+    slots: int = 0  # slots in use in the site's table
+    topk: list[_SteerGroup] = field(default_factory=list)
+    tap: int | None = None
 
 
 class CaptureStore:
@@ -108,7 +123,16 @@ class CaptureStore:
 
     def __init__(self) -> None:
         self._data: dict[str, dict[str, list[tuple[torch.Tensor, ...]]]] = {}
+        self._failed: dict[str, str] = {}
         self._touched: dict[str, float] = {}
+
+    def fail(self, capture_id: str, why: str) -> None:
+        """Rows of this capture were not recorded: its result must not be returned as complete."""
+        self._failed[capture_id] = why
+        self._touched[capture_id] = time.monotonic()
+
+    def pop_failure(self, capture_id: str) -> str | None:
+        return self._failed.pop(capture_id, None)
 
     def add(self, capture_id: str, sae_id: str, chunk: tuple[torch.Tensor, ...]) -> None:
         self._data.setdefault(capture_id, {}).setdefault(sae_id, []).append(chunk)
@@ -136,15 +160,18 @@ class CaptureStore:
         cutoff = time.monotonic() - CAPTURE_TTL_S
         for cid in [c for c, t in self._touched.items() if t < cutoff]:
             self._data.pop(cid, None)
+            self._failed.pop(cid, None)
             self._touched.pop(cid, None)
 
 
 class ReportStore:
-    """Per request key: token rows each steering entry was planned onto, and the entries whose SAE was missing."""
+    """Per request key: token rows each steering entry was planned onto, the entries whose SAE was missing and the
+    entries left out of a step for want of a slot."""
 
     def __init__(self) -> None:
         self._rows: dict[str, dict[int, int]] = {}
         self._missing: dict[str, list[int]] = {}
+        self._left_out: dict[str, set[int]] = {}
         self._touched: dict[str, float] = {}
 
     def open(self, key: str, missing: list[int]) -> None:
@@ -157,9 +184,16 @@ class ReportStore:
         counts[index] = counts.get(index, 0) + rows
         self._touched[key] = time.monotonic()
 
+    def leave_out(self, key: str, index: int) -> None:
+        self._left_out.setdefault(key, set()).add(index)
+
     def pop(self, key: str) -> dict[str, dict | list]:
         self._touched.pop(key, None)
-        return {"rows": self._rows.pop(key, {}), "missing": self._missing.pop(key, [])}
+        return {
+            "rows": self._rows.pop(key, {}),
+            "missing": self._missing.pop(key, []),
+            "over_capacity": sorted(self._left_out.pop(key, ())),
+        }
 
     def expire(self) -> None:
         cutoff = time.monotonic() - CAPTURE_TTL_S
@@ -168,18 +202,44 @@ class ReportStore:
 
 
 class SteeringRuntime:
-    """The worker's SAE state. One per worker process; reached by the custom op through `ACTIVE`."""
+    """The worker's SAE state. One per worker process; reached by the custom op through `ACTIVE`.
 
-    def __init__(self, d_model: int, n_layers: int, device: torch.device):
+    Between steps the host fills persistent buffers: per hook site a `SlotTable` (one slot per steering entry of
+    the batch at that site), one row table for the step (`row_owner`: which steering request a token row belongs to;
+    `row_generated`: whether it is a generated token) and `site_tap` (which row of the tap buffer a site copies its
+    activations into, for capture). Inside the model, `apply` is tensor work on those buffers only. In static mode
+    (CUDA graphs) it runs the same fixed-shape work at every site in every step, so a captured graph replays
+    whatever the buffers hold; in per-step mode (no graphs, e.g. on CPU) it skips the sites and slots the step does
+    not use. Captured rows are encoded from the tap buffer after the step, outside the model."""
+
+    def __init__(
+        self, d_model: int, n_layers: int, device: torch.device, max_tokens: int, options: WorkerOptions, static: bool
+    ):
         self.d_model = d_model
         self.n_layers = n_layers
         self.device = device
+        self.options = options
+        self.static = static
         self.runner: Any = None  # the vLLM model runner, attached by the worker extension after start-up
         self.saes: dict[str, WorkerSAE] = {}
         self.captures = CaptureStore()
         self.reports = ReportStore()
         self._plans: dict[str, RequestPlan | None] = {}
-        self._step: dict[int, _SitePlan] | None = None
+        n_sites = n_layers * len(SITES)
+        self.row_owner = torch.full((max_tokens,), NO_OWNER, dtype=torch.long, device=device)  # [T_max]
+        self.row_generated = torch.zeros(max_tokens, dtype=torch.bool, device=device)  # [T_max]
+        self._rows_set = 0  # rows of row_owner written by the last step (the rest stay NO_OWNER)
+        self.taps = torch.zeros(options.capture_sites + 1, max_tokens, d_model, device=device)  # last: scratch
+        self.site_tap = torch.full((n_sites,), options.capture_sites, dtype=torch.long, device=device)  # [sites]
+        self._tapped: list[int] = []  # sites whose site_tap entry is not the scratch row
+        self._pending: list[_CaptureItem] = []  # captured in the last step, encoded before the next
+        self.tables: dict[int, SlotTable] = {}
+        if static:  # every site's buffers exist before vLLM captures its graphs
+            self.tables = {s: SlotTable.allocate(d_model, options.steering_slots, device) for s in range(n_sites)}
+        self._slotted: frozenset[str] = frozenset()  # steering requests the slot tables were filled for
+        self._slot_use: dict[int, int] = {}  # site -> slots in use
+        self._topk_rows: dict[tuple[int, str], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
+        self._live: dict[int, _LiveSite] = {}
         self._decode_only = False  # this step has no prompt rows (read by the fault switch only)
         self._skip_decode = os.environ.get(FAULT_SKIP_DECODE_ENV) == "1"
         if self._skip_decode:
@@ -197,7 +257,7 @@ class SteeringRuntime:
         folded = FoldedSAE.build(module, self.device)
         del module  # its tensors live on in `folded` or are freed: the weights are held once
         self.saes[sae_id] = WorkerSAE(sae_id, site_index(hp), folded)
-        self._plans.clear()  # plans resolved SAE ids to sites; rebuild against the new set
+        self._forget_plans()
         return {
             "sae_id": sae_id,
             "hook_point": folded.cfg.hook_point,
@@ -206,54 +266,75 @@ class SteeringRuntime:
         }
 
     def unload(self, sae_id: str) -> bool:
-        self._plans.clear()
+        self._forget_plans()
         return self.saes.pop(sae_id, None) is not None
 
-    # --- per step -----------------------------------------------------------------------------------
-    def begin_step(self, positions: torch.Tensor, has_attn_metadata: bool) -> None:
-        """Map this step's rows to requests; called once per forward, before any hook site runs."""
-        self._step = None
-        if self.runner is None or not has_attn_metadata or not self.saes:
-            return
-        batch = self.runner.input_batch
-        num_reqs = batch.num_reqs
+    def _forget_plans(self) -> None:
+        """Plans resolved SAE ids to sites and slots hold SAE weights: rebuild both against the new set."""
+        self._plans.clear()
+        self._slotted = frozenset({"<stale>"})
+
+    # --- between steps ------------------------------------------------------------------------------
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Fill this step's tables; called by the model runner's forward wrapper before the (possibly captured)
+        model runs, and never inside it."""
+        self.flush()
+        batch = self.runner.input_batch if self.runner is not None else None
         active: list[tuple[int, RequestPlan]] = []
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            if req_id not in self._plans:
-                self._plans[req_id] = self._new_plan(req_id)
-            plan = self._plans[req_id]
-            if plan is not None:
-                active.append((i, plan))
-        if not active:
+        if batch is not None and self.saes:
+            num_reqs = batch.num_reqs
+            for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+                if req_id not in self._plans:
+                    self._plans[req_id] = self._new_plan(req_id)
+                plan = self._plans[req_id]
+                if plan is not None:
+                    active.append((i, plan))
+        if batch is None or not active:
+            if self._rows_set or self._tapped or self._live:
+                self._reset_rows()
             return
-        qsl = self.runner.query_start_loc.np[: num_reqs + 1]
-        n = positions.shape[0]
-        pos = positions[:n].to("cpu", torch.long)  # row bookkeeping stays on the host
-        sites: dict[int, _SitePlan] = {}
-        steer_rows: dict[tuple[int, str], list] = {}
-        owners: dict[tuple[int, str], list[tuple[str, int]]] = {}  # (request key, entry index) per column
+        qsl = self.runner.query_start_loc.np[: batch.num_reqs + 1]
+        n = int(qsl[-1])
+        steering = [(i, p) for i, p in active if p.steer]
+        if frozenset(p.key for _, p in steering) != self._slotted:
+            self._fill_slots([p for _, p in steering])
+        pos = positions[:n].to("cpu", torch.long).numpy()  # row bookkeeping stays on the host
+        owner = np.full(max(n, self._rows_set), NO_OWNER, dtype=np.int64)
+        generated = np.zeros(n, dtype=bool)
+        live = {site: _LiveSite(slots=used) for site, used in self._slot_use.items()}
         decode_only = True
         for i, plan in active:
             start, end = int(qsl[i]), int(qsl[i + 1])
             if start == end:
                 continue
+            gen = pos[start:end] >= plan.prompt_len
+            if plan.steer:
+                owner[start:end] = plan.owner
+                generated[start:end] = gen
+                self._count(plan, end - start, int(gen.sum()))
+                for site, groups in plan.topk.items():
+                    for e in groups:
+                        live.setdefault(site, _LiveSite())
+                        self._topk_rows.setdefault((site, e.sae), []).append((start, end, plan, e))
             if self._skip_decode:  # the fault switch only: not worth a per-step pass otherwise
-                decode_only = decode_only and bool((pos[start:end] >= plan.prompt_len).all())
-            for site, entries in plan.steer.items():
-                for e in entries:
-                    steer_rows.setdefault((site, e.sae), []).append(
-                        (start, end, plan.prompt_len, e.feature, int(e.op), e.value, int(e.positions))
-                    )
-                    owners.setdefault((site, e.sae), []).append((plan.key, e.index))
+                decode_only = decode_only and bool(gen.all())
             if plan.capture_id is not None:
-                self._plan_capture(sites, plan, start, end, pos)
-        for group_key, entries in steer_rows.items():
-            group, rows = self._steer_group(self.saes[group_key[1]], entries, pos, n)
-            sites.setdefault(group_key[0], _SitePlan()).steer.append(group)
-            for (key, index), count in zip(owners[group_key], rows.tolist(), strict=True):
-                self.reports.add(key, index, count)
+                self._plan_capture(live, plan, start, end, pos)
+        for (site, sae_id), entries in self._topk_rows.items():
+            live[site].topk.append(self._topk_group(self.saes[sae_id], entries, pos, n))
+        self._topk_rows.clear()
+        self.row_owner[: owner.shape[0]].copy_(torch.from_numpy(owner), non_blocking=True)
+        self.row_generated[:n].copy_(torch.from_numpy(generated), non_blocking=True)
+        self._rows_set = n
+        self._point_taps(live)
         self._decode_only = decode_only
-        self._step = sites or None
+        self._live = {site: s for site, s in live.items() if s.slots or s.topk or s.tap is not None}
+
+    def _reset_rows(self) -> None:
+        self.row_owner[: self._rows_set].fill_(NO_OWNER)
+        self._rows_set = 0
+        self._point_taps({})
+        self._live = {}
 
     def _new_plan(self, req_id: str) -> RequestPlan | None:
         state = self.runner.requests.get(req_id)
@@ -264,6 +345,11 @@ class SteeringRuntime:
         plan = RequestPlan.from_extra_args(state.sampling_params.extra_args, state.num_prompt_tokens, self.saes)
         if plan is not None and (plan.steer or plan.missing):
             self.reports.open(plan.key, plan.missing)
+            if self.static:  # the facade refuses these with CUDA graphs; never run them unreported
+                for e in (e for entries in plan.topk.values() for e in entries):
+                    self.reports.leave_out(plan.key, e.index)
+                    plan.left_out.add(e.index)
+                plan.topk = {}
         return plan
 
     def _forget_finished(self) -> None:
@@ -272,70 +358,132 @@ class SteeringRuntime:
         self.captures.expire()
         self.reports.expire()
 
-    def _steer_group(
-        self, sae: WorkerSAE, entries: list, pos: torch.Tensor, n: int
-    ) -> tuple[_SteerGroup, torch.Tensor]:
-        """The group's table, and per entry the number of rows it applies to in this step (host tensor [E])."""
-        start, end, prompt_len, feature, op, value, mode = (torch.tensor(c) for c in zip(*entries))
+    def _fill_slots(self, plans: list[RequestPlan]) -> None:
+        """Give every slotted entry of these requests a slot at its site (a new batch composition; decode steps
+        of an unchanged batch reuse the tables). Entries beyond a site's capacity wait for a later refill and are
+        reported over_capacity."""
+        per_site: dict[int, list[tuple[RequestPlan, EncodedEntry]]] = {}
+        for owner, plan in enumerate(plans):
+            plan.owner = owner
+            for site, entries in plan.slotted.items():
+                per_site.setdefault(site, []).extend((plan, e) for e in entries)
+        capacity = self.options.steering_slots
+        use: dict[int, int] = {}
+        for site, site_entries in per_site.items():
+            table = self.tables.get(site)
+            if table is None:
+                table = self.tables[site] = SlotTable.allocate(self.d_model, capacity, self.device)
+            for plan, e in site_entries[capacity:]:
+                self.reports.leave_out(plan.key, e.index)
+                plan.left_out.add(e.index)
+            kept = sorted(site_entries[:capacity], key=lambda pe: pe[1].sae)  # one SAE's slots side by side
+            start = 0
+            for sae_id in dict.fromkeys(e.sae for _, e in kept):
+                group = [(p, e) for p, e in kept if e.sae == sae_id]
+                sae = self.saes[sae_id]
+                modes = [e.positions for _, e in group]
+                sae_features = torch.tensor([e.feature for _, e in group], dtype=torch.long, device=self.device)
+                table.fill(
+                    start,
+                    sae.folded,
+                    sae_features,
+                    [int(e.op) for _, e in group],
+                    [e.value for _, e in group],
+                    [p.owner for p, _ in group],
+                    [m != PositionMode.GENERATED for m in modes],
+                    [m != PositionMode.PROMPT for m in modes],
+                )
+                start += len(group)
+            for plan, e in kept:
+                plan.left_out.discard(e.index)
+            table.clear(start)
+            use[site] = start
+        for site in set(self._slot_use) - set(use):
+            self.tables[site].clear(0)
+        self._slot_use = use
+        self._slotted = frozenset(p.key for p in plans)
+
+    def _count(self, plan: RequestPlan, rows: int, generated: int) -> None:
+        """Add this step's rows to each entry's report count (rows are counted when planned)."""
+        by_mode = {PositionMode.ALL: rows, PositionMode.PROMPT: rows - generated, PositionMode.GENERATED: generated}
+        for entries in plan.steer.values():
+            for e in entries:
+                if e.index not in plan.left_out:
+                    self.reports.add(plan.key, e.index, by_mode[e.positions])
+
+    def _topk_group(self, sae: WorkerSAE, entries: list, pos: np.ndarray, n: int) -> _SteerGroup:
+        """Latent-op entries of one TopK SAE with their per-row mask (the per-step path only)."""
         rows = torch.arange(n).unsqueeze(1)  # [n, 1]
+        start, end, prompt_len, mode = (
+            torch.tensor(c) for c in zip(*[(s, e, p.prompt_len, int(x.positions)) for s, e, p, x in entries])
+        )
         in_request = (rows >= start) & (rows < end)  # [n, E]
-        generated = pos.unsqueeze(1) >= prompt_len  # [n, E]
+        generated = torch.from_numpy(pos).unsqueeze(1) >= prompt_len  # [n, E]
         pos_ok = (
             (mode == PositionMode.ALL)
             | ((mode == PositionMode.PROMPT) & ~generated)
             | ((mode == PositionMode.GENERATED) & generated)
         )
-        applies = in_request & pos_ok  # [n, E] on the host
-        mask = applies.to(device=self.device, dtype=torch.float32)
         table = SteeringTable(
-            feature.to(self.device, torch.long),
-            op.to(self.device, torch.long),
-            value.to(self.device, torch.float32),
-            mask,
+            torch.tensor([x.feature for *_, x in entries], dtype=torch.long, device=self.device),
+            torch.tensor([int(x.op) for *_, x in entries], dtype=torch.long, device=self.device),
+            torch.tensor([x.value for *_, x in entries], dtype=torch.float32, device=self.device),
+            (in_request & pos_ok).to(device=self.device, dtype=torch.float32),
         )
-        return _SteerGroup(sae, table), applies.sum(dim=0)
+        return _SteerGroup(sae, table)
 
     def _plan_capture(
-        self, sites: dict[int, _SitePlan], plan: RequestPlan, start: int, end: int, pos: torch.Tensor
+        self, live: dict[int, _LiveSite], plan: RequestPlan, start: int, end: int, pos: np.ndarray
     ) -> None:
         assert plan.capture_id is not None
         rows = torch.arange(start, end)
         if not plan.capture_generated:
-            rows = rows[pos[start:end] < plan.prompt_len]
+            rows = rows[torch.from_numpy(pos[start:end] < plan.prompt_len)]
         if rows.numel() == 0:
             return
         for sae_id in plan.capture_saes:
             sae = self.saes[sae_id]
             feats = plan.capture_features.get(sae_id)
-            sites.setdefault(sae.site, _SitePlan()).capture.append(
+            site = live.setdefault(sae.site, _LiveSite())
+            self._pending.append(
                 _CaptureItem(
                     plan.capture_id,
                     sae,
+                    sae.site,  # replaced by the site's tap row in _point_taps
                     rows.to(self.device),
-                    pos[rows].cpu(),
+                    torch.from_numpy(pos[rows.numpy()]),
                     plan.capture_top_k,
                     torch.tensor(feats, dtype=torch.long, device=self.device) if feats else None,
                 )
             )
+            site.tap = -1  # wanted
 
-    # --- inside the graph ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def apply(self, site: int, hidden: torch.Tensor, residual: torch.Tensor, adds_residual: bool) -> None:
-        """Steer `hidden` in place at `site`, then capture; the activation there is hidden (+ residual)."""
-        step = self._step
-        if step is None:
-            return
-        plan = step.get(site)
-        if plan is None:
-            return
-        for group in plan.steer:
-            if self._skip_decode and self._decode_only:
-                break
-            x = (hidden + residual) if adds_residual else hidden
-            hidden.add_(steering_delta(group.sae.folded, group.table, x.float()).to(hidden.dtype))
-        for item in plan.capture:
-            x = (hidden[item.rows] + residual[item.rows]) if adds_residual else hidden[item.rows]
-            acts = item.sae.folded.encode(x.float())  # [r, d_sae]
+    def _point_taps(self, live: dict[int, _LiveSite]) -> None:
+        """Give each capturing site a row of the tap buffer; a step wanting more sites than there are rows fails
+        its captures (the facade answers 503) rather than dropping rows."""
+        wanted = [site for site, s in live.items() if s.tap is not None]
+        for site in self._tapped:
+            self.site_tap[site] = self.options.capture_sites
+        rows = {site: k for k, site in enumerate(wanted[: self.options.capture_sites])}
+        for site, k in rows.items():
+            live[site].tap = k
+            self.site_tap[site] = k
+        for site in wanted[self.options.capture_sites :]:
+            live[site].tap = None
+        kept = []
+        for item in self._pending:
+            if item.tap in rows:
+                kept.append(dataclasses.replace(item, tap=rows[item.tap]))
+            else:
+                self.captures.fail(item.capture_id, f"more than {self.options.capture_sites} capture sites in one step")
+        self._pending = kept
+        self._tapped = list(rows)
+
+    def flush(self) -> None:
+        """Encode the rows the last step copied into the tap buffer (outside the model, before the next step)."""
+        for item in self._pending:
+            x = self.taps[item.tap, item.rows]  # [r, d_model]
+            acts = item.sae.folded.encode(x)  # [r, d_sae]
             k = min(item.top_k, acts.shape[1])
             top = acts.topk(k, dim=-1) if k else None
             empty = torch.empty(len(item.rows), 0)
@@ -349,6 +497,33 @@ class SteeringRuntime:
                     acts[:, item.features].cpu() if item.features is not None else empty,
                 ),
             )
+        self._pending = []
+
+    # --- inside the model ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, site: int, hidden: torch.Tensor, residual: torch.Tensor, adds_residual: bool) -> None:
+        """Steer `hidden` in place at `site`, then copy the activation there (hidden (+ residual)) into the site's
+        tap row. Static mode: the same fixed-shape work at every site, whatever the step holds."""
+        if self.static:
+            x = ((hidden + residual) if adds_residual else hidden).float()  # [T, d]
+            delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated)
+            hidden.add_(delta.to(hidden.dtype))
+            n = x.shape[0]
+            self.taps[:, :n].index_copy_(0, self.site_tap[site : site + 1], (x + delta).unsqueeze(0))
+            return
+        live = self._live.get(site)
+        if live is None:
+            return
+        x = ((hidden + residual) if adds_residual else hidden).float()
+        delta = torch.zeros_like(x)
+        if not (self._skip_decode and self._decode_only):
+            if live.slots:
+                delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated, live.slots)
+            for group in live.topk:
+                delta += steering_delta(group.sae.folded, group.table, x)
+            hidden.add_(delta.to(hidden.dtype))
+        if live.tap is not None:
+            self.taps[live.tap, : x.shape[0]].copy_(x + delta)
 
 
 ACTIVE: SteeringRuntime | None = None

@@ -1,0 +1,105 @@
+"""The serving path's steering math (`slot_delta` on a `SlotTable`) against the reference `steering_delta`, and
+its graph safety: traced once with fake tensors (no data-dependent control flow or shape can survive that), the
+traced graph replays any later contents of the same buffers exactly, as a captured CUDA graph must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from sae import load_sae
+from sae.steering import EMPTY_SLOT, FoldedSAE, SlotTable, SteeringTable, SteerOp, slot_delta, steering_delta
+from tests.helpers import make_random_sae
+
+pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
+D, D_SAE, T_MAX, CAPACITY = 64, 512, 32, 48
+
+
+def folded(tmp_path, architecture: str, seed: int = 3) -> FoldedSAE:
+    make_random_sae(tmp_path / architecture, "blocks.3.resid_post", architecture, d_in=D, d_sae=D_SAE, k=16, seed=seed)
+    return FoldedSAE.build(load_sae(tmp_path / architecture), torch.device("cpu"))
+
+
+def random_step(sae: FoldedSAE, x: torch.Tensor, ops: list[SteerOp], seed: int):
+    """Three requests owning rows [0, 9), [9, 20) and [20, n), entries with random features, ops, values and
+    positions; returns the filled table, the row table and the reference delta (steering_delta per request)."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    owners = torch.full((T_MAX,), -1)
+    bounds = [(0, 9), (9, 20), (20, n)]
+    for owner, (a, b) in enumerate(bounds):
+        owners[a:b] = owner
+    generated = torch.zeros(T_MAX, dtype=torch.bool)
+    generated[:n] = torch.rand(n, generator=g) < 0.5
+    table = SlotTable.allocate(D, CAPACITY, torch.device("cpu"))
+    expected = torch.zeros_like(x)
+    start = 0
+    for owner, (a, b) in enumerate(bounds):
+        e = 7
+        features = torch.randint(0, D_SAE, (e,), generator=g)
+        features[:2] = (x[a:b] @ sae.W_enc + sae.b_enc).argmax(dim=1)[:2]  # active features, so clamp/mul bite
+        op = torch.tensor([int(ops[i % len(ops)]) for i in range(e)])
+        features[op == SteerOp.H_BIAS] = torch.randperm(D_SAE, generator=g)[: int((op == SteerOp.H_BIAS).sum())]
+        value = 6 * torch.randn(e, generator=g)
+        mode = torch.randint(0, 3, (e,), generator=g)  # 0 all, 1 prompt, 2 generated
+        prompt, gen = mode != 2, mode != 1
+        table.fill(start, sae, features, op, value, [owner] * e, prompt, gen)
+        start += e
+        rows_gen = generated[a:b].unsqueeze(1)
+        mask = (torch.where(rows_gen, gen, prompt)).float()  # [r, e]
+        expected[a:b] = steering_delta(sae, SteeringTable(features, op, value, mask), x[a:b])
+    return table, owners, generated, expected, start
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+@pytest.mark.parametrize("ops", [[SteerOp.ADD], [SteerOp.CLAMP], [SteerOp.MUL], [SteerOp.H_BIAS], list(SteerOp)])
+def test_slot_delta_equals_the_reference_per_request(tmp_path, architecture, ops):
+    sae = folded(tmp_path, architecture)
+    x = 3 * torch.randn(27, D, generator=torch.Generator().manual_seed(1))
+    table, owners, generated, expected, used = random_step(sae, x, ops, seed=2)
+    assert expected.abs().max() > 1.0  # the case really steers
+    torch.testing.assert_close(slot_delta(x, table, owners, generated), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(slot_delta(x, table, owners, generated, used), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_add_on_a_topk_sae_needs_no_encode(tmp_path):
+    sae = folded(tmp_path, "topk")
+    x = 3 * torch.randn(27, D, generator=torch.Generator().manual_seed(1))
+    table, owners, generated, expected, _ = random_step(sae, x, [SteerOp.ADD], seed=5)
+    torch.testing.assert_close(slot_delta(x, table, owners, generated), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_free_slots_and_unowned_rows_give_exactly_zero(tmp_path):
+    sae = folded(tmp_path, "jumprelu")
+    x = 3 * torch.randn(27, D)
+    table, owners, generated, _, _ = random_step(sae, x, list(SteerOp), seed=2)
+    assert torch.equal(slot_delta(x, table, torch.full((T_MAX,), -1), generated), torch.zeros_like(x))
+    table.clear(0)
+    assert bool((table.owner == EMPTY_SLOT).all())
+    assert torch.equal(slot_delta(x, table, owners, generated), torch.zeros_like(x))
+
+
+def test_a_graph_traced_once_replays_new_buffer_contents(tmp_path):
+    """make_fx with fake tensors records only tensor ops (a host sync or data-dependent shape would raise); the
+    recorded graph then runs on the real buffers, refilled between calls, as a CUDA graph replay would."""
+    sae = folded(tmp_path, "jumprelu")
+    x = 3 * torch.randn(27, D, generator=torch.Generator().manual_seed(1))
+    table = SlotTable.allocate(D, CAPACITY, torch.device("cpu"))
+    owners, generated = torch.full((T_MAX,), -1), torch.zeros(T_MAX, dtype=torch.bool)
+    fields = list(vars(table))
+
+    def step(x, owners, generated, *buffers):
+        return slot_delta(x, SlotTable(**dict(zip(fields, buffers, strict=True))), owners, generated)
+
+    buffers = [getattr(table, f) for f in fields]
+    graph = make_fx(step, tracing_mode="fake")(x, owners, generated, *buffers)  # contents: all slots free
+    assert not any(n.target in (torch.ops.aten.nonzero.default, torch.ops.aten.item.default) for n in graph.graph.nodes)
+    for seed, ops in ((2, list(SteerOp)), (7, [SteerOp.CLAMP, SteerOp.ADD]), (9, [SteerOp.H_BIAS])):
+        filled, new_owners, new_generated, expected, _ = random_step(sae, x, ops, seed)
+        for f in fields:  # refill the captured buffers in place, as begin_step does between steps
+            getattr(table, f).copy_(getattr(filled, f))
+        owners.copy_(new_owners)
+        generated.copy_(new_generated)
+        torch.testing.assert_close(graph(x, owners, generated, *buffers), expected, atol=1e-4, rtol=1e-4)
