@@ -53,8 +53,9 @@ class FoldedSAE:
     threshold: torch.Tensor | None  # [d_sae] for jumprelu
 
     @classmethod
-    def build(cls, module: SparseAutoencoder, device: torch.device) -> FoldedSAE:
-        """From a loaded module, which the caller then drops (its tensors are reused or copied once here)."""
+    def build(cls, module: SparseAutoencoder, device: torch.device, dtype: torch.dtype = torch.float32) -> FoldedSAE:
+        """From a loaded module, which the caller then drops. The two matrices are held in `dtype` (the serving
+        dtype); biases and thresholds, d_sae values each, stay in float32, and every product accumulates in float32."""
         module = module.to(device=device, dtype=torch.float32).eval()
         cfg = module.cfg
         with torch.no_grad():
@@ -64,7 +65,18 @@ class FoldedSAE:
                 w, b = module.folded_encoder()
             w_dec = module.W_dec.detach() if cfg.input_scale == 1.0 else module.W_dec.detach() / cfg.input_scale
         threshold = module.threshold.detach() if module.threshold is not None else None
-        return cls(cfg, w.contiguous(), b, w_dec.contiguous(), threshold)
+        return cls(cfg, w.to(dtype).contiguous(), b, w_dec.to(dtype).contiguous(), threshold)
+
+    def to(self, device: torch.device, pin: bool = False) -> FoldedSAE:
+        """The same SAE on `device` (the very tensors where they are there already); `pin`: in page-locked host
+        memory, for fast copies to a GPU."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, non_blocking=True)
+            return t.pin_memory() if pin else t
+
+        threshold = move(self.threshold) if self.threshold is not None else None
+        return FoldedSAE(self.cfg, move(self.W_enc), move(self.b_enc), move(self.W_dec), threshold)
 
     @property
     def architecture(self) -> str:
@@ -78,6 +90,12 @@ class FoldedSAE:
     def needs_full_encode(self) -> bool:
         return self.architecture in FULL_ENCODE_ARCHITECTURES
 
+    @staticmethod
+    def bytes_for(module: SparseAutoencoder, dtype: torch.dtype) -> int:
+        """What `build(module, ..., dtype).resident_bytes()` will be, without building it."""
+        vectors = module.b_enc.numel() + (module.threshold.numel() if module.threshold is not None else 0)
+        return (module.W_enc.numel() + module.W_dec.numel()) * dtype.itemsize + vectors * 4
+
     def resident_bytes(self) -> int:
         tensors = [self.W_enc, self.b_enc, self.W_dec] + ([self.threshold] if self.threshold is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -85,8 +103,14 @@ class FoldedSAE:
     def activate(self, pre: torch.Tensor) -> torch.Tensor:  # [n, d_sae] -> [n, d_sae]
         return architectures.get_architecture(self.architecture)(pre, self)
 
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:  # [n, d_in] float32 -> [n, d_sae] float32
+        return (x.to(self.W_enc.dtype) @ self.W_enc).float() + self.b_enc
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_sae]
-        return self.activate(x @ self.W_enc + self.b_enc)
+        return self.activate(self.pre_activations(x))
+
+    def decoder_rows(self, features: torch.Tensor) -> torch.Tensor:  # [F] -> [F, d_in] float32
+        return self.W_dec[features].float()
 
     def activate_columns(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Elementwise activation of chosen latents' pre-activations [n, E]; only valid without full encode."""
@@ -201,7 +225,7 @@ def steering_delta(sae: FoldedSAE, table: SteeringTable, x: torch.Tensor) -> tor
     needs_f = clamp | mul | h_bias
     rows = g.mask[:, needs_f].any(dim=1).nonzero().squeeze(1) if bool(needs_f.any()) else None
     if rows is None or rows.numel() == 0:
-        return (coef * g.mask) @ sae.W_dec[g.features]
+        return (coef * g.mask) @ sae.decoder_rows(g.features)
     features, inv = g.features.unique(return_inverse=True)  # [U], [E]
     mask = g.mask[rows]  # [r, E]
     bias = torch.zeros(len(rows), len(features), dtype=x.dtype)  # [r, U] summed h_bias per feature
@@ -213,17 +237,17 @@ def steering_delta(sae: FoldedSAE, table: SteeringTable, x: torch.Tensor) -> tor
         if hb_delta is not None:
             extra[rows] = hb_delta
     else:
-        pre_u = xr @ sae.W_enc[:, features] + sae.b_enc[features]  # [r, U]
+        pre_u = xr @ sae.W_enc[:, features].float() + sae.b_enc[features]  # [r, U]
         f_u = sae.activate_columns(pre_u, features)
         if bool(h_bias.any()):
-            extra[rows] = (sae.activate_columns(pre_u + bias, features) - f_u) @ sae.W_dec[features]
+            extra[rows] = (sae.activate_columns(pre_u + bias, features) - f_u) @ sae.decoder_rows(features)
     f = f_u[:, inv]  # [r, E]
     c = coef[rows]
     c = torch.where(clamp, g.values - f, c)
     c = torch.where(mul, (g.values - 1.0) * f, c)
     coef = coef.clone()
     coef[rows] = torch.where(h_bias, torch.zeros_like(c), c)
-    return (coef * g.mask) @ sae.W_dec[g.features] + extra
+    return (coef * g.mask) @ sae.decoder_rows(g.features) + extra
 
 
 def topk_activations(
@@ -235,7 +259,7 @@ def topk_activations(
     assert sae.k is not None
     k = sae.k
     m = int(bias.ne(0).sum(dim=1).max())
-    pre = x @ sae.W_enc + sae.b_enc  # [r, d_sae]
+    pre = sae.pre_activations(x)  # [r, d_sae]
     top_vals, top_idx = pre.relu().topk(min(k + m, pre.shape[1]), dim=-1)  # sorted, [r, k+m]
     t0 = top_vals[:, k - 1 : k]  # [r, 1] k-th largest activation
     pre_u = pre[:, features]  # [r, U]
@@ -253,4 +277,4 @@ def topk_activations(
     change.scatter_(1, top_idx, cand_new * (cand_new >= t1) - top_vals * (top_vals >= t0))
     change[:, features] += (u_new * (u_new >= t1) - f_u) * outside
     cols = change.ne(0).any(dim=0).nonzero().squeeze(1)
-    return f_u, change[:, cols] @ sae.W_dec[cols]
+    return f_u, change[:, cols] @ sae.decoder_rows(cols)

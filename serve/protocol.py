@@ -432,6 +432,9 @@ class SAEInfo(_Body):
     d_sae: int = Field(description="Number of features.")
     version: str = Field(description="Tag that changes when its weights change.")
     bytes: int | None = Field(default=None, description="Bytes its weights take in the engine's worker, held once.")
+    resident: bool = Field(
+        default=True, description="On the device now; false: paged out to host memory under the SAE budget."
+    )
 
 
 class SAEList(_Body):

@@ -58,6 +58,7 @@ class SAEMeta:
     architecture: str
     version: str
     resident_bytes: int = 0  # of its weights in the worker (per rank that holds its layer)
+    resident: bool = True  # on the device now (False: paged out to host memory under the SAE budget)
 
 
 def validate_steering(

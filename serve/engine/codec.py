@@ -30,6 +30,7 @@ class WorkerOptions:
     static_steering: bool | None  # None: static exactly when vLLM captures CUDA graphs
     steering_slots: int  # steering entries one hook site holds in one step
     capture_sites: int  # hook points one step captures at
+    sae_dtype: str | None  # torch dtype name of SAE weights; None: the model's dtype on CUDA, float32 elsewhere
 
     def to_additional_config(self) -> dict:
         return {EXTRA_ARGS_KEY: dataclasses.asdict(self)}

@@ -58,6 +58,20 @@ class EngineConfig(BaseModel):
     capture_sites: int = Field(
         default=8, ge=1, description="Hook points one step can capture at, over the batch (a tap buffer each)."
     )
+    sae_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="Dtype SAE weights are held in (products accumulate in float32); None: the model's dtype on CUDA, "
+        "float32 on CPU.",
+    )
+    sae_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Device memory for SAE weights per worker, beside the explicitly sized KV cache; beyond it the "
+        "least recently used SAEs wait in host memory and are paged in on demand. None: all resident.",
+    )
+    residency_wait_s: float = Field(
+        default=30.0, ge=0, description="How long a request waits for its SAEs to be paged in before a 503."
+    )
     probe_steering: bool = Field(
         default=True, description="At each new hook point, prove that steering changes decode steps, else refuse it."
     )

@@ -15,13 +15,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serve.engine import codec
 from serve.engine.config import EngineConfig
+from serve.engine.residency import Residency
 from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable, Unavailable
 from serve.specs import (
     CaptureSpec,
@@ -115,6 +116,9 @@ class SAEEngine:
         self.d_model: int = dims["d_model"]
         self.n_layers: int = dims["n_layers"]
         self.static_steering: bool = dims["static_steering"]  # the workers steer inside captured CUDA graphs
+        self.sae_dtype: str = dims["sae_dtype"]  # torch dtype name the workers hold SAE weights in
+        budget = None if config.sae_memory_gib is None else int(config.sae_memory_gib * (1 << 30))
+        self._residency = Residency(budget, self._page, config.residency_wait_s)
         self._llm = llm
         self._saes: dict[str, SAEMeta] = {}
         self._sae_lock = asyncio.Lock()
@@ -156,7 +160,7 @@ class SAEEngine:
             pipeline_parallel_size=config.pipeline_parallel_size,
             distributed_executor_backend=config.distributed_executor_backend,
             additional_config=codec.WorkerOptions(
-                config.static_steering, config.steering_slots, config.capture_sites
+                config.static_steering, config.steering_slots, config.capture_sites, config.sae_dtype
             ).to_additional_config(),
             **optional,
         )
@@ -200,7 +204,16 @@ class SAEEngine:
 
     # --- SAEs ---------------------------------------------------------------------------------------
     def saes(self) -> list[SAEMeta]:
-        return list(self._saes.values())
+        return [dataclasses.replace(m, resident=self._residency.is_resident(s)) for s, m in self._saes.items()]
+
+    @property
+    def page_ins(self) -> int:
+        """SAEs paged in from host memory since start (not counting loads)."""
+        return self._residency.page_ins
+
+    async def _page(self, page_in: list[str], page_out: list[str]) -> None:
+        with _engine_down_errors():
+            await self._llm.collective_rpc("sae_page", args=(page_in, page_out))
 
     async def load_sae(self, path: str | Path, sae_id: str | None = None) -> SAEMeta:
         """Validate in the driver, then load on every worker; a bad SAE raises and changes nothing."""
@@ -208,11 +221,13 @@ class SAEEngine:
         path = Path(path)
         module, meta = read_sae(path, sae_id or path.name, self.d_model, self.n_layers)
         sae_id = meta.sae_id
+        self._residency.check_fits(sae_id, _folded_bytes(module, self.sae_dtype))
         async with self._sae_lock:
             with _engine_down_errors():
                 loaded = await self._llm.collective_rpc("sae_load", args=(sae_id, str(path)))
             meta = dataclasses.replace(meta, resident_bytes=int(loaded[0]["bytes"]))
             self._saes[sae_id] = meta
+            await self._residency.added(sae_id, meta.resident_bytes)
         if self.config.probe_steering and meta.hook_point not in self._probed_sites:
             self._probed_sites.add(meta.hook_point)
             await self._probe(meta, int(module.W_dec.norm(dim=1).argmax()))
@@ -249,6 +264,7 @@ class SAEEngine:
             if sae_id not in self._saes:
                 raise KeyError(sae_id)
             del self._saes[sae_id]
+            await self._residency.removed(sae_id)
             with _engine_down_errors():
                 await self._llm.collective_rpc("sae_unload", args=(sae_id,))
 
@@ -311,6 +327,24 @@ class SAEEngine:
         salt = f"capture-{key}" if capture is not None else steering_cache_salt(steering, self._saes)
         if salt:
             engine_prompt["cache_salt"] = salt
+        sae_ids = [e.sae for e in steering] + (list(capture.saes) if capture else [])
+        run = self._run(engine_prompt, params, request_id, key, extra, steering, capture, sampling)
+        async with self._residency.reserve(sae_ids), contextlib.aclosing(run):
+            async for update in run:
+                yield update
+
+    async def _run(
+        self,
+        engine_prompt: dict,
+        params: Any,
+        request_id: str,
+        key: str,
+        extra: dict,
+        steering: list[SteeringEntry],
+        capture: CaptureSpec | None,
+        sampling: Sampling,
+    ) -> AsyncGenerator[GenerationUpdate]:
+        """One request in vLLM, with its SAEs resident: deltas, then what the workers left for it."""
         finished = False
         generated = 0
         try:
@@ -472,6 +506,14 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
             logger.error("steering[%d] (%s feature %d) steered no token: %s", i, e.sae, e.feature, status)
         out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
     return out
+
+
+def _folded_bytes(module: SparseAutoencoder, dtype: str) -> int:
+    import torch
+
+    from sae.steering import FoldedSAE
+
+    return FoldedSAE.bytes_for(module, getattr(torch, dtype))
 
 
 def read_sae(path: Path, sae_id: str, d_model: int, n_layers: int) -> tuple[SparseAutoencoder, SAEMeta]:

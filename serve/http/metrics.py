@@ -58,7 +58,10 @@ class ServiceMetrics:
         )
         self.loaded_saes = Gauge("sae_serve:loaded_saes", "SAEs currently served.", registry=r)
         self.sae_bytes = Gauge(
-            "sae_serve:sae_resident_bytes", "Bytes of each served SAE's weights in the engine.", ["sae"], registry=r
+            "sae_serve:sae_resident_bytes",
+            "Bytes of each served SAE's weights on the engine's device (0 while paged out to host memory).",
+            ["sae"],
+            registry=r,
         )
         self.sae_events = Counter(
             "sae_serve:sae_hot_load_events",
@@ -76,7 +79,7 @@ class ServiceMetrics:
         self.sae_bytes.clear()
         for s in saes:
             if s.bytes is not None:
-                self.sae_bytes.labels(s.id).set(s.bytes)
+                self.sae_bytes.labels(s.id).set(s.bytes if s.resident else 0)
 
     def count_report(self, report) -> None:
         """The counts of one request's steering report (a list of `serve.specs.SteeringReport`)."""

@@ -173,4 +173,5 @@ def sae_info_fields(meta: SAEMeta) -> dict[str, Any]:
         "d_sae": meta.d_sae,
         "version": meta.version,
         "bytes": meta.resident_bytes,
+        "resident": meta.resident,
     }

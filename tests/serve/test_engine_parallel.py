@@ -4,16 +4,23 @@ site's fixed-shape work in every step, run here without graphs). Each engine wor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import torch
 
+from sae import load_sae
+from sae.steering import FoldedSAE
 from serve.engine.config import EngineConfig
 from serve.engine.engine import SAEEngine, Sampling
 from serve.engine.model_files import embedded_model_dir
+from serve.errors import SpecError
 from serve.specs import CaptureSpec, SteeringEntry
 from tests.helpers import make_random_sae
 from tests.serve.test_engine_large_config import TINY_LLAMA31
@@ -34,14 +41,27 @@ def tiny(tmp_path_factory):
     # clamp's coefficient; a ReLU activation moves continuously.
     make_random_sae(saes / "l1", "blocks.1.resid_post", "relu", d_in=TINY_LLAMA31["hidden_size"], seed=1)
     make_random_sae(saes / "l3", "blocks.3.mlp_out", "relu", d_in=TINY_LLAMA31["hidden_size"], seed=3)
+    # Only for the paging test: a third SAE of the same size, and one larger than its budget.
+    make_random_sae(saes / "l2", "blocks.2.resid_post", "relu", d_in=TINY_LLAMA31["hidden_size"], seed=2)
+    make_random_sae(saes / "big", "blocks.2.resid_post", "relu", d_in=TINY_LLAMA31["hidden_size"], d_sae=4096)
     return model, {"l1": str(saes / "l1"), "l3": str(saes / "l3")}
 
 
-async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None, static: bool = False) -> dict:
+async def outcome(
+    tiny,
+    tp: int,
+    pp: int,
+    features: dict[str, int] | None = None,
+    static: bool = False,
+    after: Callable[[SAEEngine], Awaitable[None]] | None = None,
+    **options,
+) -> dict:
     """Per steering case: the captures read after steering, the greedy tokens and the steering report. The steered
     features are the strongest ones at the last prompt token unless given (a parallel engine is compared on the
-    single engine's specs)."""
+    single engine's specs). `options` go to the engine config; with a `touch` SAE, a capture there runs before
+    each case (under an SAE budget it pages another SAE out); `after` runs last, on the same engine."""
     model, saes = tiny
+    touch = options.pop("touch", None)
     config = EngineConfig(
         model=str(model),
         enforce_eager=True,
@@ -52,6 +72,7 @@ async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         static_steering=static,
+        **options,
     )
     capture = CaptureSpec(saes=["l1", "l3"], top_k=4)
     async with SAEEngine.started(config) as engine:
@@ -67,6 +88,8 @@ async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None
             "clamp": [SteeringEntry(sae="l1", feature=features["l1"], value=3.0, op="clamp")],
             "mul_late": [SteeringEntry(sae="l3", feature=features["l3"], value=3.0, op="mul")],
         }.items():
+            if touch:
+                await engine.activations(PROMPT, CaptureSpec(saes=[touch], top_k=1))
             res = await engine.activations(PROMPT, capture, steering)
             tokens, report = [], None
             async for u in engine.generate(PROMPT, SAMPLING, steering):
@@ -77,6 +100,8 @@ async def outcome(tiny, tp: int, pp: int, features: dict[str, int] | None = None
                 "tokens": tokens,
                 "report": [(r.steered_tokens, r.status) for r in report or []],
             }
+        if after is not None:
+            await after(engine)
     return out
 
 
@@ -104,3 +129,56 @@ async def test_parallel_engine_steers_and_captures_as_one_worker(tiny, single, t
         # tokens are compared where steering left a margin (the early layer), activations everywhere.
         if case != "mul_late":
             assert have["tokens"] == want["tokens"], case
+
+
+async def tokens_of(engine: SAEEngine, steering: list[SteeringEntry], max_tokens: int) -> tuple[list, list, float]:
+    tokens, report = [], []
+    async for u in engine.generate(PROMPT, Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), steering):
+        tokens += [t for o in u.outputs for t in o.token_ids]
+        report = u.steering_report or report
+    return tokens, [(r.sae, r.status) for r in report], time.monotonic()
+
+
+async def test_paging_under_an_sae_budget_gives_the_all_resident_results(tiny, single):
+    """Three SAEs under a budget that holds two: before every case a capture at the third pages one out, so each
+    case pages in what it uses. Results equal the all-resident engine's exactly; a request whose SAEs cannot be
+    made resident while another request pins the budget waits for it and completes; an SAE larger than the whole
+    budget is refused at load."""
+    model, saes = tiny
+    folder = Path(saes["l1"]).parent
+    one = FoldedSAE.bytes_for(load_sae(folder / "l1"), torch.float32)
+    checked: dict = {}
+
+    async def after(engine: SAEEngine) -> None:
+        checked["page_ins"] = engine.page_ins
+        resident = [m for m in engine.saes() if m.resident]
+        checked["resident_bytes"] = sum(m.resident_bytes for m in resident)
+        pin = [SteeringEntry(sae="l1", feature=1, value=0.5), SteeringEntry(sae="l3", feature=1, value=0.5)]
+        slow = asyncio.create_task(tokens_of(engine, pin, 200))
+        await asyncio.sleep(0.2)  # the slow request holds l1 and l3: l2 cannot be paged in until it ends
+        quick = await tokens_of(engine, [SteeringEntry(sae="l2", feature=1, value=0.5)], 4)
+        slow_result = await slow
+        checked["waited"] = quick[2] >= slow_result[2]
+        checked["reports"] = (slow_result[1], quick[1])
+        with pytest.raises(SpecError, match="more than the whole SAE budget") as err:
+            await engine.load_sae(folder / "big", "big")
+        checked["refused_param"] = err.value.param
+        checked["after_refusal"] = sorted(m.sae_id for m in engine.saes())
+
+    budget_gib = 2.5 * one / 2**30
+    paged = await outcome(
+        (model, {**saes, "l2": str(folder / "l2")}),
+        1,
+        1,
+        single["features"],
+        sae_memory_gib=budget_gib,
+        touch="l2",
+        after=after,
+    )
+    for case in ("plain", "add", "clamp", "mul_late"):
+        assert paged[case] == single[case], case  # the very same tokens, captures and reports
+    assert checked["page_ins"] >= 4  # every case paged something in
+    assert checked["resident_bytes"] <= budget_gib * 2**30
+    assert checked["waited"], "the request on l2 finished before the request pinning the budget"
+    assert checked["reports"] == ([("l1", "applied"), ("l3", "applied")], [("l2", "applied")])
+    assert checked["refused_param"] == "sae_memory_gib" and checked["after_refusal"] == ["l1", "l2", "l3"]

@@ -22,7 +22,12 @@ class SAEWorkerExtension:
         runtime = self._sae_runtime()
         self._allocate_pipeline_inputs()
         self._plan_before_forward(runtime)
-        return {"d_model": runtime.d_model, "n_layers": runtime.n_layers, "static_steering": runtime.static}
+        return {
+            "d_model": runtime.d_model,
+            "n_layers": runtime.n_layers,
+            "static_steering": runtime.static,
+            "sae_dtype": str(runtime.sae_dtype).removeprefix("torch."),
+        }
 
     def _plan_before_forward(self, runtime: SteeringRuntime) -> None:
         """Fill the step's tables in the runner's `_model_forward`, the call around the model: with full CUDA
@@ -56,6 +61,9 @@ class SAEWorkerExtension:
 
     def sae_unload(self, sae_id: str) -> bool:
         return self._sae_runtime().unload(sae_id)
+
+    def sae_page(self, page_in: list[str], page_out: list[str]) -> None:
+        self._sae_runtime().page(page_in, page_out)
 
     def sae_finish(self, key: str) -> dict:
         """What a finished (or aborted) request left here: its captured rows and its steering report."""

@@ -58,8 +58,20 @@ class SAELlamaForCausalLM(LlamaForCausalLM):
         compilation = vllm_config.compilation_config
         static = static_steering(options.static_steering, captures_cuda_graphs(compilation), compilation.cudagraph_mode)
         max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens, *compilation.cudagraph_capture_sizes, 1)
-        self.sae_runtime = SteeringRuntime(cfg.hidden_size, cfg.num_hidden_layers, device, max_tokens, options, static)
+        sae_dtype = sae_weight_dtype(options.sae_dtype, device, vllm_config.model_config.dtype)  # type: ignore[arg-type]
+        self.sae_runtime = SteeringRuntime(
+            cfg.hidden_size, cfg.num_hidden_layers, device, max_tokens, options, static, sae_dtype
+        )
+        self.sae_runtime.local_layers = range(self.model.start_layer, self.model.end_layer)  # this PP stage's
         steering_runtime.ACTIVE = self.sae_runtime
+
+
+def sae_weight_dtype(option: str | None, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The serving dtype of SAE weights: as configured, else the model's on CUDA and float32 elsewhere (bf16
+    matrix products on CPU are slow, and the CPU model runs in float32)."""
+    if option is not None:
+        return getattr(torch, option)
+    return model_dtype if device.type == "cuda" else torch.float32
 
 
 def captures_cuda_graphs(compilation) -> bool:

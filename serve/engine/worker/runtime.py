@@ -42,6 +42,7 @@ class WorkerSAE:
     sae_id: str
     site: int
     folded: FoldedSAE
+    local: bool = True  # its layer runs on this pipeline stage (otherwise it only counts steered rows)
 
 
 @dataclass
@@ -78,12 +79,14 @@ class RequestPlan:
         plan = cls(key=request.key, prompt_len=prompt_len, steer=steer, missing=missing)
         for site, entries in steer.items():
             for entry in entries:
+                if not saes[entry.sae].local:  # another pipeline stage steers it; this one counts its rows
+                    continue
                 full = entry.op != SteerOp.ADD and saes[entry.sae].folded.needs_full_encode
                 (plan.topk if full else plan.slotted).setdefault(site, []).append(entry)
         cap = request.capture
         if cap is not None:
             plan.capture_id = request.key
-            plan.capture_saes = [s for s in cap.saes if s in saes]
+            plan.capture_saes = [s for s in cap.saes if s in saes and saes[s].local]
             plan.capture_top_k = cap.top_k
             plan.capture_features = cap.features
             plan.capture_generated = cap.include_generated
@@ -213,15 +216,25 @@ class SteeringRuntime:
     not use. Captured rows are encoded from the tap buffer after the step, outside the model."""
 
     def __init__(
-        self, d_model: int, n_layers: int, device: torch.device, max_tokens: int, options: WorkerOptions, static: bool
+        self,
+        d_model: int,
+        n_layers: int,
+        device: torch.device,
+        max_tokens: int,
+        options: WorkerOptions,
+        static: bool,
+        sae_dtype: torch.dtype = torch.float32,
     ):
         self.d_model = d_model
         self.n_layers = n_layers
         self.device = device
         self.options = options
         self.static = static
+        self.sae_dtype = sae_dtype
         self.runner: Any = None  # the vLLM model runner, attached by the worker extension after start-up
-        self.saes: dict[str, WorkerSAE] = {}
+        self.local_layers = range(n_layers)  # the layers this pipeline stage runs (set by the model)
+        self.masters: dict[str, WorkerSAE] = {}  # every loaded SAE, in host memory
+        self.saes: dict[str, WorkerSAE] = {}  # the resident ones, on the device
         self.captures = CaptureStore()
         self.reports = ReportStore()
         self._plans: dict[str, RequestPlan | None] = {}
@@ -247,6 +260,7 @@ class SteeringRuntime:
 
     # --- SAE registry -------------------------------------------------------------------------------
     def load(self, sae_id: str, path: str) -> dict:
+        """Read an SAE into host memory (its master copy) and make it resident on the device."""
         module = load_sae(path)
         hp = HookPoint.parse(module.cfg.hook_point)
         if module.cfg.d_in != self.d_model or not 0 <= hp.layer < self.n_layers:
@@ -254,20 +268,32 @@ class SteeringRuntime:
                 f"SAE {sae_id!r} ({module.cfg.hook_point}, d_in={module.cfg.d_in}) does not fit a model with "
                 f"{self.n_layers} layers and d_model={self.d_model}"
             )
-        folded = FoldedSAE.build(module, self.device)
-        del module  # its tensors live on in `folded` or are freed: the weights are held once
-        self.saes[sae_id] = WorkerSAE(sae_id, site_index(hp), folded)
-        self._forget_plans()
+        master = FoldedSAE.build(module, torch.device("cpu"), self.sae_dtype)
+        del module  # its tensors live on in `master` or are freed
+        if self.device.type == "cuda":
+            master = master.to(torch.device("cpu"), pin=True)
+        self.masters[sae_id] = WorkerSAE(sae_id, site_index(hp), master, hp.layer in self.local_layers)
+        self.page([sae_id], [])
         return {
             "sae_id": sae_id,
-            "hook_point": folded.cfg.hook_point,
-            "d_sae": folded.cfg.d_sae,
-            "bytes": folded.resident_bytes(),
+            "hook_point": master.cfg.hook_point,
+            "d_sae": master.cfg.d_sae,
+            "bytes": master.resident_bytes(),
         }
 
     def unload(self, sae_id: str) -> bool:
         self._forget_plans()
-        return self.saes.pop(sae_id, None) is not None
+        self.saes.pop(sae_id, None)
+        return self.masters.pop(sae_id, None) is not None
+
+    def page(self, page_in: list[str], page_out: list[str]) -> None:
+        """Move SAEs between the device and their master copies (on CPU the very same tensors: held once)."""
+        for sae_id in page_out:
+            self.saes.pop(sae_id, None)
+        for sae_id in page_in:
+            master = self.masters[sae_id]
+            self.saes[sae_id] = dataclasses.replace(master, folded=master.folded.to(self.device))
+        self._forget_plans()
 
     def _forget_plans(self) -> None:
         """Plans resolved SAE ids to sites and slots hold SAE weights: rebuild both against the new set."""
