@@ -205,7 +205,7 @@ def _fake_rows(steering: list[SteeringEntry], n_prompt: int, n_generated: int, n
     token but the last is read back) for `generated`, per choice."""
     decode = max(n_generated - 1, 0)
     per = {"prompt": n_prompt, "generated": decode, "all": n_prompt + decode}
-    return {"rows": {i: per[e.positions] * n for i, e in enumerate(steering)}, "missing": []}
+    return {"rows": {i: per[e.positions] * n for i, e in enumerate(steering)}, "missing": [], "over_capacity": []}
 
 
 def _fake_captures(
