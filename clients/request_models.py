@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SteeringOp = Literal["add", "clamp", "mul", "h_bias"]
+SteeringOp = Literal["add", "clamp", "mul", "h_bias", "ablate", "cap", "set"]
 Positions = Literal["all", "prompt", "generated"]
-STEERING_OPS: tuple[str, ...] = ("add", "clamp", "mul", "h_bias")
+STEERING_OPS: tuple[str, ...] = ("add", "clamp", "mul", "h_bias", "ablate", "cap", "set")
 POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
 
 # SAE:FEATURE[@OP][@POSITIONS]=VALUE, e.g. l15:1234=+8, l15:1234@clamp=3, toy:7@mul@generated=0.5
@@ -23,16 +23,29 @@ class _Body(BaseModel):
 
 
 class SteeringEntry(_Body):
-    """One intervention on one SAE feature of one request."""
+    """One intervention of one request, on an SAE feature (`sae` + `feature`) or on a raw direction (`vector` +
+    `hook_point`; ops add, ablate, cap, set)."""
 
     model_config = ConfigDict(frozen=True)
 
-    sae: str = Field(min_length=1, description="Id of a loaded SAE.")
-    feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
-    value: float = Field(
-        description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias."
+    sae: str | None = Field(default=None, min_length=1, description="Id of a loaded SAE (feature entries).")
+    feature: int | None = Field(default=None, ge=0, description="Feature (latent) index in that SAE.")
+    vector: list[float] | None = Field(
+        default=None, min_length=1, description="A direction of d_model floats, instead of an SAE feature."
     )
-    op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias.")
+    hook_point: str | None = Field(
+        default=None, description="Where a vector steers, e.g. blocks.10.resid_post (vector entries only)."
+    )
+    normalize: bool = Field(
+        default=False,
+        description="add: scale the direction to unit length first; ablate, cap and set always use the unit direction.",
+    )
+    value: float = Field(
+        default=0.0,
+        description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias; cap: "
+        "largest allowed projection; set: projection to pin; ablate: unused.",
+    )
+    op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias | ablate | cap | set.")
     positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
 
     @classmethod

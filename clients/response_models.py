@@ -28,8 +28,8 @@ class SteeringReport(_Response):
     """What one steering entry of a request did."""
 
     index: int = Field(description="Place of the entry in the request's steering list.")
-    sae: str = Field(description="SAE id of the entry.")
-    feature: int = Field(description="Feature index of the entry.")
+    sae: str | None = Field(description="SAE id of a feature entry (null for a vector).")
+    feature: int | None = Field(description="Feature index of a feature entry (null for a vector).")
     steered_tokens: int = Field(description="Token rows this entry steered.")
     status: Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity"] = Field(
         description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity."

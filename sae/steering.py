@@ -5,6 +5,11 @@ Ops (`SteerOp`), per token row r and entry e with feature i, value v and decoder
     clamp   x += (v - f_i(x)) · d_i              the feature's activation becomes v
     mul     x += (v - 1) · f_i(x) · d_i          the activation is multiplied by v
     h_bias  pre_i += v, and x += decode(f(pre + bias)) - decode(f(pre))   (the SAE error term is kept)
+Residual-space ops on a direction u (a steering vector, or a feature's decoder row), with p = x · û:
+    add     x += v · u                           (u unit-normalised on request)
+    ablate  x -= p · û                           x loses its component along u
+    cap     x += min(v - p, 0) · û               the projection is at most v
+    set     x += (v - p) · û                     the projection becomes v
 With nothing steered the delta is exactly zero, so the output equals the unsteered output.
 
 Two forms of the same math:
@@ -32,12 +37,19 @@ FULL_ENCODE_ARCHITECTURES = ("topk",)
 
 
 class SteerOp(IntEnum):
-    """The latent ops; their values travel in the engine's per-request tables."""
+    """The ops; their values travel in the engine's per-request tables."""
 
     ADD = 0
     CLAMP = 1
     MUL = 2
     H_BIAS = 3
+    ABLATE = 4
+    CAP = 5
+    SET = 6
+
+
+LATENT_OPS = (SteerOp.CLAMP, SteerOp.MUL, SteerOp.H_BIAS)  # read an SAE latent's activation
+RESIDUAL_OPS = (SteerOp.ABLATE, SteerOp.CAP, SteerOp.SET)  # read the projection on a unit direction
 
 
 @dataclass
@@ -160,12 +172,28 @@ class SlotTable:
         return self.op.shape[0]
 
     def fill(self, start: int, sae: FoldedSAE, features: torch.Tensor, ops, values, owners, prompt, generated) -> None:
-        """Write slots [start, start + len(features)) for entries of one SAE (host lists or tensors per slot)."""
+        """Write slots [start, start + len(features)) for latent-op and add entries of one SAE (host lists or
+        tensors per slot)."""
         end = start + len(features)
         self.read[:, start:end] = sae.W_enc[:, features]
         self.read_bias[start:end] = sae.b_enc[features]
         self.threshold[start:end] = sae.threshold[features] if sae.threshold is not None else 0.0
         self.write[start:end] = sae.W_dec[features]
+        self._fill_entries(start, end, ops, values, owners, prompt, generated)
+
+    def fill_directions(
+        self, start: int, read: torch.Tensor, write: torch.Tensor, ops, values, owners, prompt, generated
+    ) -> None:
+        """Write slots for residual-space entries: `read` [k, d_in] the unit directions whose projection the ops
+        read, `write` [k, d_in] the directions they add along (the same, or the raw vector for add)."""
+        end = start + read.shape[0]
+        self.read[:, start:end] = read.T
+        self.read_bias[start:end] = 0.0
+        self.threshold[start:end] = -torch.inf  # f = pre: the projection itself
+        self.write[start:end] = write
+        self._fill_entries(start, end, ops, values, owners, prompt, generated)
+
+    def _fill_entries(self, start: int, end: int, ops, values, owners, prompt, generated) -> None:
         for buf, src in ((self.op, ops), (self.value, values), (self.owner, owners)):
             buf[start:end] = torch.as_tensor(src, dtype=buf.dtype)
         self.on_prompt[start:end] = torch.as_tensor(prompt, dtype=torch.bool)
@@ -183,7 +211,8 @@ def slot_delta(
     """The change every slot makes to the rows it owns, with fixed shapes: `row_owner` [>= T] long (-1: no
     steering request) and `row_generated` [>= T] bool are the step's row table. `used` limits the work to the first
     slots where the caller knows the rest are free (never inside a captured graph: there all slots are computed).
-    A slot's latent activation is f = pre · [pre > threshold] (ReLU, JumpReLU); h_bias adds act(pre + v) − f."""
+    A slot's latent activation is f = pre · [pre > threshold] (ReLU, JumpReLU; a direction slot has threshold
+    −inf, so f is its projection); h_bias adds act(pre + v) − f."""
     t = table
     cols = slice(None) if used is None else slice(0, used)
     n = x.shape[0]
@@ -191,13 +220,22 @@ def slot_delta(
     thr, v, op = t.threshold[cols], t.value[cols], t.op[cols]
     f = pre * (pre > thr)
     biased = pre + v
+    pinned = v - f  # clamp and set; cap keeps its negative part only
     coef = torch.where(
         op == SteerOp.ADD,
         v,
         torch.where(
-            op == SteerOp.CLAMP,
-            v - f,
-            torch.where(op == SteerOp.MUL, (v - 1.0) * f, biased * (biased > thr) - f),
+            (op == SteerOp.CLAMP) | (op == SteerOp.SET),
+            pinned,
+            torch.where(
+                op == SteerOp.MUL,
+                (v - 1.0) * f,
+                torch.where(
+                    op == SteerOp.H_BIAS,
+                    biased * (biased > thr) - f,
+                    torch.where(op == SteerOp.ABLATE, -f, pinned.clamp(max=0.0)),
+                ),
+            ),
         ),
     )
     gen = row_generated[:n].unsqueeze(1)  # [T, 1]
@@ -216,11 +254,12 @@ class SteeringTable:
 
 
 def steering_delta(sae: FoldedSAE, table: SteeringTable, x: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_in]
-    """Sum over entries of coef[r, e] · d_e with the coefficient each op defines, plus h_bias's change of the
-    activations. Only the entries' features are encoded, except for TopK, whose activations depend on the k-th
-    largest pre-activation of the row (one full encode and one top-k, then everything stays k-sized)."""
+    """Sum over entries (add and the latent ops) of coef[r, e] · d_e with the coefficient each op defines, plus
+    h_bias's change of the activations. Only the entries' features are encoded, except for TopK, whose activations
+    depend on the k-th largest pre-activation of the row (one full encode and one top-k, then everything stays
+    k-sized)."""
     g = table
-    add, clamp, mul, h_bias = (g.ops == op for op in SteerOp)
+    add, clamp, mul, h_bias = (g.ops == op for op in (SteerOp.ADD, *LATENT_OPS))
     coef = torch.where(add, g.values, torch.zeros_like(g.values)).expand(x.shape[0], -1)  # [n, E]
     needs_f = clamp | mul | h_bias
     rows = g.mask[:, needs_f].any(dim=1).nonzero().squeeze(1) if bool(needs_f.any()) else None

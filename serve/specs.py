@@ -11,27 +11,68 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.errors import SpecError
 
-SteeringOp = Literal["add", "clamp", "mul", "h_bias"]
+SteeringOp = Literal["add", "clamp", "mul", "h_bias", "ablate", "cap", "set"]
+LATENT_OPS = ("clamp", "mul", "h_bias")  # act on an SAE feature's activation, so they need a feature
 Positions = Literal["all", "prompt", "generated"]
 FeatureSelection = dict[str, list[Annotated[int, Field(ge=0)]]]  # SAE id -> feature indices
 
 
 class SteeringEntry(BaseModel):
-    """One intervention on one SAE feature (the ops are defined in `sae/steering.py`)."""
+    """One intervention, on an SAE feature (`sae` + `feature`) or on a raw direction in the residual space
+    (`vector` + `hook_point`). The ops are defined in `sae/steering.py`: add, and the residual-space ops ablate, cap
+    and set, act on a direction (the vector, or the feature's decoder row); clamp, mul and h_bias act on a feature's
+    activation."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-    sae: str = Field(min_length=1, description="Id of a loaded SAE.")
-    feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
-    value: float = Field(
-        description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias."
+    sae: str | None = Field(default=None, min_length=1, description="Id of a loaded SAE (feature entries).")
+    feature: int | None = Field(default=None, ge=0, description="Feature (latent) index in that SAE.")
+    vector: list[float] | None = Field(
+        default=None, min_length=1, description="A direction of d_model floats, instead of an SAE feature."
     )
-    op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias.")
+    hook_point: str | None = Field(
+        default=None, description="Where a vector steers, e.g. blocks.10.resid_post (vector entries only)."
+    )
+    normalize: bool = Field(
+        default=False,
+        description="add: scale the direction to unit length first; ablate, cap and set always use the unit direction.",
+    )
+    value: float = Field(
+        default=0.0,
+        description="add: coefficient; clamp: target activation; mul: factor; h_bias: pre-activation bias; cap: "
+        "largest allowed projection; set: projection to pin; ablate: unused.",
+    )
+    op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias | ablate | cap | set.")
     positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SteeringEntry:
+        if self.vector is None and self.hook_point is None:
+            if self.sae is None or self.feature is None:
+                raise ValueError(
+                    "a steering entry names an SAE feature (sae + feature) or a vector (vector + hook_point)"
+                )
+        elif self.sae is not None or self.feature is not None:
+            raise ValueError("a steering entry names an SAE feature (sae + feature) or a vector, not both")
+        elif self.vector is None or self.hook_point is None:
+            raise ValueError("a vector entry needs both vector and hook_point")
+        elif self.op in LATENT_OPS:
+            raise ValueError(
+                f"op {self.op} acts on an SAE feature's activation; a vector takes add, ablate, cap or set"
+            )
+        return self
+
+    @property
+    def is_vector(self) -> bool:
+        return self.vector is not None
+
+    def label(self) -> str:
+        """How logs and metrics name the entry's target."""
+        return f"vector@{self.hook_point}" if self.is_vector else f"{self.sae} feature {self.feature}"
 
 
 class CaptureSpec(BaseModel):
@@ -62,11 +103,22 @@ class SAEMeta:
 
 
 def validate_steering(
-    entries: list[SteeringEntry], saes: dict[str, SAEMeta], max_abs_value: float, static: bool = False
+    entries: list[SteeringEntry],
+    saes: dict[str, SAEMeta],
+    max_abs_value: float,
+    static: bool = False,
 ) -> None:
-    """`static`: the engine steers inside captured CUDA graphs, where latent ops on TopK SAEs cannot run."""
+    """Values, and feature entries against the loaded SAEs (vector entries are checked against the model by the
+    engine). `static`: the engine steers inside captured CUDA graphs, where latent ops on TopK SAEs cannot run."""
     h_biased: dict[tuple[str, int], int] = {}
     for i, e in enumerate(entries):
+        if not math.isfinite(e.value) or abs(e.value) > max_abs_value:
+            raise SpecError(
+                f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value"
+            )
+        if e.vector is not None:
+            continue
+        assert e.sae is not None and e.feature is not None  # the entry's own validator
         meta = saes.get(e.sae)
         if meta is None:
             known = ", ".join(sorted(saes)) or "none loaded"
@@ -76,11 +128,7 @@ def validate_steering(
                 f"steering[{i}].feature: {e.feature} out of range for SAE {e.sae!r} with {meta.d_sae} features",
                 f"steering[{i}].feature",
             )
-        if not math.isfinite(e.value) or abs(e.value) > max_abs_value:
-            raise SpecError(
-                f"steering[{i}].value: must be finite with |value| <= {max_abs_value}", f"steering[{i}].value"
-            )
-        if static and e.op != "add" and meta.architecture == "topk":
+        if static and e.op in LATENT_OPS and meta.architecture == "topk":
             raise SpecError(
                 f"steering[{i}].op: {e.op} on a TopK SAE needs a full encode of every row (its k-th largest "
                 f"pre-activation), which this engine does not run inside its CUDA graphs; use add, or an engine "
@@ -119,8 +167,20 @@ def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) 
     """Prefix-cache salt: equal specs (on equal SAE versions) share KV blocks, different specs never do."""
     if not entries:
         return None
-    canon = sorted((e.sae, saes[e.sae].version, e.feature, e.op, repr(float(e.value)), e.positions) for e in entries)
+    canon = sorted(
+        json.dumps(
+            [e.hook_point, _vector_digest(e.vector), e.normalize]
+            if e.vector is not None
+            else [e.sae, saes[e.sae].version if e.sae in saes else "", e.feature]
+        )
+        + json.dumps([e.op, repr(float(e.value)), e.positions])
+        for e in entries
+    )
     return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
+
+
+def _vector_digest(vector: list[float]) -> str:
+    return hashlib.sha256(json.dumps([repr(float(v)) for v in vector]).encode()).hexdigest()
 
 
 ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity"]
@@ -136,7 +196,7 @@ class SteeringReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     index: int = Field(description="Place of the entry in the request's steering list.")
-    sae: str = Field(description="SAE id of the entry.")
-    feature: int = Field(description="Feature index of the entry.")
+    sae: str | None = Field(description="SAE id of a feature entry (null for a vector).")
+    feature: int | None = Field(description="Feature index of a feature entry (null for a vector).")
     steered_tokens: int = Field(description="Token rows this entry steered.")
     status: ReportStatus = Field(description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity.")

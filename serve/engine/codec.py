@@ -50,14 +50,18 @@ class PositionMode(IntEnum):
 
 @dataclass(frozen=True)
 class EncodedEntry:
-    """One steering entry as the worker reads it; `index` is its place in the request's steering list."""
+    """One steering entry as the worker reads it; `index` is its place in the request's steering list. A feature
+    entry has `sae` and `feature`; a vector entry `hook_point` and `vector` instead."""
 
     index: int
-    sae: str
+    sae: str | None
     feature: int
     op: SteerOp
     value: float
     positions: PositionMode
+    hook_point: str | None = None
+    vector: list[float] | None = None
+    normalize: bool = False
 
 
 @dataclass
@@ -83,7 +87,14 @@ def encode(entries: Iterable[SteeringEntry], capture: CaptureSpec | None, key: s
     """The `extra_args` of a request; empty when it neither steers nor captures."""
     out: dict[str, Any] = {}
     steer = [
-        [e.sae, e.feature, int(SteerOp[e.op.upper()]), float(e.value), int(PositionMode[e.positions.upper()])]
+        [
+            e.sae,
+            e.feature,
+            int(SteerOp[e.op.upper()]),
+            float(e.value),
+            int(PositionMode[e.positions.upper()]),
+            *([e.hook_point, [float(v) for v in e.vector], e.normalize] if e.vector is not None else []),
+        ]
         for e in entries
     ]
     if steer:
@@ -106,10 +117,16 @@ def decode(extra_args: dict | None) -> EncodedRequest | None:
     spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
     if not spec:
         return None
-    steer = [
-        EncodedEntry(i, str(sae), int(feature), SteerOp(op), float(value), PositionMode(positions))
-        for i, (sae, feature, op, value, positions) in enumerate(spec.get("steer", ()))
-    ]
+    steer = []
+    for i, (sae, feature, op, value, positions, *vector) in enumerate(spec.get("steer", ())):
+        entry = EncodedEntry(
+            i, sae, -1 if feature is None else int(feature), SteerOp(op), float(value), PositionMode(positions)
+        )
+        if vector:  # hook point, values, normalize
+            entry = dataclasses.replace(
+                entry, hook_point=str(vector[0]), vector=list(vector[1]), normalize=bool(vector[2])
+            )
+        steer.append(entry)
     cap = spec.get("capture")
     capture = None
     if cap:

@@ -275,6 +275,9 @@ class SAEEngine:
         if len(steering) > self.config.max_steering_entries:
             raise SpecError(f"steering: at most {self.config.max_steering_entries} entries", "steering")
         validate_steering(steering, self._saes, self.config.max_abs_steering_value, self.static_steering)
+        for i, e in enumerate(steering):
+            if e.vector is not None:
+                _check_vector(i, e, self.d_model, self.n_layers)
         if capture is not None:
             if n != 1:
                 raise SpecError("n: feature capture needs n == 1", "n")
@@ -327,7 +330,7 @@ class SAEEngine:
         salt = f"capture-{key}" if capture is not None else steering_cache_salt(steering, self._saes)
         if salt:
             engine_prompt["cache_salt"] = salt
-        sae_ids = [e.sae for e in steering] + (list(capture.saes) if capture else [])
+        sae_ids = [e.sae for e in steering if e.sae is not None] + (list(capture.saes) if capture else [])
         run = self._run(engine_prompt, params, request_id, key, extra, steering, capture, sampling)
         async with self._residency.reserve(sae_ids), contextlib.aclosing(run):
             async for update in run:
@@ -503,9 +506,31 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
         else:
             status = "no_tokens"
         if status in ("not_applied", "sae_not_loaded", "over_capacity"):
-            logger.error("steering[%d] (%s feature %d) steered no token: %s", i, e.sae, e.feature, status)
+            logger.error("steering[%d] (%s) steered no token: %s", i, e.label(), status)
         out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
     return out
+
+
+def _check_vector(i: int, e: SteeringEntry, d_model: int, n_layers: int) -> None:
+    """A vector entry against the model: a hook point inside it, d_model values, a direction where the op needs one."""
+    from sae.hookpoints import HookPoint
+
+    assert e.vector is not None and e.hook_point is not None
+    try:
+        hp = HookPoint.parse(e.hook_point)
+    except ValueError as err:
+        raise SpecError(f"steering[{i}].hook_point: {err}", f"steering[{i}].hook_point") from None
+    if not 0 <= hp.layer < n_layers:
+        raise SpecError(
+            f"steering[{i}].hook_point: layer {hp.layer} outside the model's {n_layers} layers",
+            f"steering[{i}].hook_point",
+        )
+    if len(e.vector) != d_model:
+        raise SpecError(
+            f"steering[{i}].vector: {len(e.vector)} values, the model's d_model is {d_model}", f"steering[{i}].vector"
+        )
+    if (e.op != "add" or e.normalize) and not any(e.vector):
+        raise SpecError(f"steering[{i}].vector: all zeros has no direction to {e.op} along", f"steering[{i}].vector")
 
 
 def _folded_bytes(module: SparseAutoencoder, dtype: str) -> int:

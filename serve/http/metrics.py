@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 
+VECTOR_LABEL = "vector"  # the `sae` label of a vector entry
+
 
 class ServiceMetrics:
     """All service metrics; `render()` is the body of GET /metrics."""
@@ -85,6 +87,6 @@ class ServiceMetrics:
         """The counts of one request's steering report (a list of `serve.specs.SteeringReport`)."""
         for entry in report:
             if entry.steered_tokens:
-                self.steered_tokens.labels(entry.sae).inc(entry.steered_tokens)
+                self.steered_tokens.labels(entry.sae or VECTOR_LABEL).inc(entry.steered_tokens)
             if entry.status in ("not_applied", "sae_not_loaded", "over_capacity"):
-                self.unapplied_entries.labels(entry.sae, entry.status).inc()
+                self.unapplied_entries.labels(entry.sae or VECTOR_LABEL, entry.status).inc()

@@ -205,7 +205,7 @@ class SAEModel:
     # --- generation ------------------------------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest, sae_version: int) -> AsyncIterator[StreamItem]:
         """Stream of StreamItems; an invalid request raises before the first item."""
-        await self._saes.catch_up(sae_version, {e.sae for e in req.steering})
+        await self._saes.catch_up(sae_version, {e.sae for e in req.steering if e.sae})
         rendered, _ = self._render(req)
         max_tokens = self._fit(len(rendered.token_ids), req.output_limit(), req.max_tokens_param())
         top_n = req.top_logprobs_count()
@@ -244,7 +244,7 @@ class SAEModel:
 
     # --- activations -----------------------------------------------------------------------------------------------
     async def activations(self, req: ActivationsRequest, sae_version: int) -> ActivationsResponse:
-        await self._saes.catch_up(sae_version, {e.sae for e in req.steering} | set(req.saes))
+        await self._saes.catch_up(sae_version, {e.sae for e in req.steering if e.sae} | set(req.saes))
         rendered, _ = self._render(req)
         steps = self._fit(len(rendered.token_ids), max(req.max_tokens, 1), "max_tokens")
         capture = CaptureSpec(

@@ -9,10 +9,21 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from sae import load_sae
-from sae.steering import EMPTY_SLOT, FoldedSAE, SlotTable, SteeringTable, SteerOp, slot_delta, steering_delta
+from sae.steering import (
+    EMPTY_SLOT,
+    LATENT_OPS,
+    FoldedSAE,
+    SlotTable,
+    SteeringTable,
+    SteerOp,
+    slot_delta,
+    steering_delta,
+)
 from tests.helpers import make_random_sae
 
 pytestmark = pytest.mark.fast  # no engine, no cluster: runs in the first tier
+
+FEATURE_OPS = [SteerOp.ADD, *LATENT_OPS]  # the ops the reference steering_delta defines
 
 D, D_SAE, T_MAX, CAPACITY = 64, 512, 32, 48
 
@@ -55,7 +66,7 @@ def random_step(sae: FoldedSAE, x: torch.Tensor, ops: list[SteerOp], seed: int, 
 
 
 @pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
-@pytest.mark.parametrize("ops", [[SteerOp.ADD], [SteerOp.CLAMP], [SteerOp.MUL], [SteerOp.H_BIAS], list(SteerOp)])
+@pytest.mark.parametrize("ops", [[SteerOp.ADD], [SteerOp.CLAMP], [SteerOp.MUL], [SteerOp.H_BIAS], FEATURE_OPS])
 def test_slot_delta_equals_the_reference_per_request(tmp_path, architecture, ops):
     sae = folded(tmp_path, architecture)
     x = 3 * torch.randn(27, D, generator=torch.Generator().manual_seed(1))
@@ -75,7 +86,7 @@ def test_add_on_a_topk_sae_needs_no_encode(tmp_path):
 def test_free_slots_and_unowned_rows_give_exactly_zero(tmp_path):
     sae = folded(tmp_path, "jumprelu")
     x = 3 * torch.randn(27, D)
-    table, owners, generated, _, _ = random_step(sae, x, list(SteerOp), seed=2)
+    table, owners, generated, _, _ = random_step(sae, x, FEATURE_OPS, seed=2)
     assert torch.equal(slot_delta(x, table, torch.full((T_MAX,), -1), generated), torch.zeros_like(x))
     table.clear(0)
     assert bool((table.owner == EMPTY_SLOT).all())
@@ -97,7 +108,7 @@ def test_a_graph_traced_once_replays_new_buffer_contents(tmp_path):
     buffers = [getattr(table, f) for f in fields]
     graph = make_fx(step, tracing_mode="fake")(x, owners, generated, *buffers)  # contents: all slots free
     assert not any(n.target in (torch.ops.aten.nonzero.default, torch.ops.aten.item.default) for n in graph.graph.nodes)
-    for seed, ops in ((2, list(SteerOp)), (7, [SteerOp.CLAMP, SteerOp.ADD]), (9, [SteerOp.H_BIAS])):
+    for seed, ops in ((2, FEATURE_OPS), (7, [SteerOp.CLAMP, SteerOp.ADD]), (9, [SteerOp.H_BIAS])):
         filled, new_owners, new_generated, expected, _ = random_step(sae, x, ops, seed)
         for f in fields:  # refill the captured buffers in place, as begin_step does between steps
             getattr(table, f).copy_(getattr(filled, f))
@@ -121,10 +132,39 @@ def test_bfloat16_weights_steer_within_the_stated_tolerance_of_float32(tmp_path,
     assert bf16.W_enc.dtype == bf16.W_dec.dtype == torch.bfloat16
     assert bf16.resident_bytes() < 0.51 * f32.resident_bytes() + 4 * 2 * D_SAE  # matrices halved, vectors kept
     x = 3 * torch.randn(27, D, generator=torch.Generator().manual_seed(seed))
-    want, owners, generated, _, _ = random_step(f32, x, list(SteerOp), seed)
-    have, *_ = random_step(bf16, x, list(SteerOp), seed, chooser=f32)  # the same features
+    want, owners, generated, _, _ = random_step(f32, x, FEATURE_OPS, seed)
+    have, *_ = random_step(bf16, x, FEATURE_OPS, seed, chooser=f32)  # the same features
     reference = slot_delta(x, want, owners, generated)
     error = (slot_delta(x, have, owners, generated) - reference).norm() / reference.norm()
     assert reference.norm() > 1.0 and 0 < error <= BF16_TOLERANCE
     acts = f32.encode(x)  # capture reads the same weights: its activations keep the same bound
     assert (bf16.encode(x) - acts).norm() / acts.norm() <= BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_direction_slots_apply_the_residual_ops(normalize):
+    """Slots filled from raw directions: add along u (or û), ablate, cap and set along û, each on its owner's rows."""
+    g = torch.Generator().manual_seed(8)
+    x = 3 * torch.randn(10, D, generator=g)
+    u = torch.randn(4, D, generator=g)
+    unit = u / u.norm(dim=1, keepdim=True)
+    ops = [SteerOp.ADD, SteerOp.ABLATE, SteerOp.CAP, SteerOp.SET]
+    values = [2.5, 0.0, -0.5, 1.5]
+    table = SlotTable.allocate(D, 8, torch.device("cpu"))
+    write = unit.clone() if normalize else torch.cat([u[:1], unit[1:]])
+    table.fill_directions(0, unit, write, ops, values, [0, 1, 2, 3], [True] * 4, [True] * 4)
+    owners = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, -1, -1] + [-1] * (T_MAX - 10))
+    generated = torch.zeros(T_MAX, dtype=torch.bool)
+    expected = torch.zeros_like(x)
+    for row in range(8):
+        slot = int(owners[row])
+        p = x[row] @ unit[slot]
+        v = values[slot]
+        change = {0: v, 1: -p, 2: min(v - p, 0.0), 3: v - p}[slot]
+        expected[row] = change * (write[slot] if slot == 0 else unit[slot])
+    delta = slot_delta(x, table, owners, generated)
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
+    after = x + delta
+    torch.testing.assert_close(after[2:4] @ unit[1], torch.zeros(2), atol=1e-4, rtol=0)  # ablated
+    assert bool((after[4:6] @ unit[2] <= -0.5 + 1e-4).all())  # capped
+    torch.testing.assert_close(after[6:8] @ unit[3], torch.full((2,), 1.5), atol=1e-4, rtol=0)  # set

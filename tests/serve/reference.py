@@ -1,8 +1,9 @@
 """Reference steering/capture on a plain transformers forward, written from the definitions in sae/steering.py.
 
-Deliberately independent of `serve.engine.worker.runtime`: every op is expressed as an edit of the SAE code f,
-delta = decode(f') - decode(f), with f' = f + v·e_i (add), f_i := v (clamp), f_i := m·f_i (mul), or
-f' = act(pre + v·e_i) (h_bias).
+Deliberately independent of `serve.engine.worker.runtime`: every latent op is expressed as an edit of the SAE code
+f, delta = decode(f') - decode(f), with f' = f + v·e_i (add), f_i := v (clamp), f_i := m·f_i (mul), or
+f' = act(pre + v·e_i) (h_bias); the residual-space ops on a direction u as edits of x's projection p = x·û:
+add x + v·u, ablate x − p·û, cap x + min(v − p, 0)·û, set x + (v − p)·û.
 """
 
 from __future__ import annotations
@@ -42,10 +43,34 @@ def _position_mask(entry: SteeringEntry, seq_len: int, prompt_len: int) -> torch
     return torch.ones(seq_len, 1)
 
 
+def direction_delta(x: torch.Tensor, u: torch.Tensor, e: SteeringEntry) -> torch.Tensor:  # [..., d] -> [..., d]
+    unit = u / u.norm()
+    p = (x @ unit).unsqueeze(-1)
+    if e.op == "add":
+        return e.value * (unit if e.normalize else u).expand_as(x)
+    change = {"ablate": -p, "cap": (e.value - p).clamp(max=0.0), "set": e.value - p}[e.op]
+    return change * unit
+
+
 @contextmanager
 def steered(model, saes: dict[str, SparseAutoencoder], entries: list[SteeringEntry], prompt_len: int, record=None):
-    """Hook `model` so a forward over one sequence [1, T] is steered; `record[sae_id]` gets the steered activation."""
+    """Hook `model` so a forward over one sequence [1, T] is steered; `record[sae_id]` gets the steered activation.
+    Vector entries, and residual-space ops on a feature's decoder row, edit x at their hook point."""
     handles = []
+    for hook_point in sorted({e.hook_point for e in entries if e.vector is not None}):
+        mine_v = [e for e in entries if e.hook_point == hook_point]
+        module, get = hf_module_and_output(model, HookPoint.parse(hook_point))
+
+        def vector_hook(_mod, _inp, output, mine_v=mine_v, get=get):
+            x = get(output)
+            delta = sum(
+                direction_delta(x, torch.tensor(e.vector), e) * _position_mask(e, x.shape[1], prompt_len)
+                for e in mine_v
+            )
+            y = x + delta
+            return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
+
+        handles.append(module.register_forward_hook(vector_hook))
     hps = {sid: HookPoint.parse(s.cfg.hook_point) for sid, s in saes.items()}
     for sid, sae in saes.items():
         mine = [e for e in entries if e.sae == sid]
@@ -56,7 +81,11 @@ def steered(model, saes: dict[str, SparseAutoencoder], entries: list[SteeringEnt
             delta = torch.zeros_like(x)
             # Edits are linear in f, so entries add up (tests use at most one h_bias entry per SAE).
             for e in mine:
-                delta += _edited_code(sae, x, [e]) * _position_mask(e, x.shape[1], prompt_len)
+                if e.op in ("ablate", "cap", "set"):
+                    edit = direction_delta(x, sae.W_dec[e.feature].detach(), e)
+                else:
+                    edit = _edited_code(sae, x, [e])
+                delta += edit * _position_mask(e, x.shape[1], prompt_len)
             y = x + delta
             if record is not None:
                 record[sid] = y.detach()

@@ -316,3 +316,123 @@ async def test_an_sae_gone_from_the_worker_after_validation_is_reported(engine, 
 async def test_unsteered_requests_carry_no_report(engine):
     _, _, report = await report_of(engine, "No steering here.", [], GREEDY)
     assert report is None
+
+
+def direction(saes, sae_id: str, feature: int) -> list[float]:
+    """A direction that matters at that site: the decoder row of a feature that fires there."""
+    return saes[sae_id].W_dec[feature].detach().tolist()
+
+
+VECTOR_OPS = [
+    ("add", 8.0, False),
+    ("add", 12.0, True),
+    ("ablate", 0.0, False),
+    ("cap", -2.0, False),
+    ("set", 12.0, False),
+]
+
+
+@pytest.mark.parametrize("op, value, normalize", VECTOR_OPS)
+@pytest.mark.parametrize("hook_point", ["blocks.15.resid_post", "blocks.8.mlp_out"])  # with an SAE there, without
+async def test_vector_ops_match_transformers(engine, saes, hf_model, op, value, normalize, hook_point):
+    f15, _ = await top_feature(engine, "r15")
+    vector = direction(saes, "r15", f15)
+    entry = SteeringEntry(vector=vector, hook_point=hook_point, op=op, value=value, normalize=normalize)
+    lp_sampling = Sampling(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    _, ids, steered_lp, _ = await run(engine, PROMPT, [entry], lp_sampling)
+    _, _, plain_lp, _ = await run(engine, PROMPT, [], lp_sampling)
+    with reference.steered(hf_model, {}, [entry], len(ids)):
+        ref_lp = reference.prompt_logprobs(hf_model, ids)
+    torch.testing.assert_close(torch.tensor(steered_lp), ref_lp, rtol=0, atol=2e-3)
+    assert (torch.tensor(steered_lp) - torch.tensor(plain_lp)).abs().max() > 1e-3, "steering had no effect"
+
+
+@pytest.mark.parametrize("op, value", [("ablate", 0.0), ("cap", -2.0), ("set", 12.0)])
+async def test_residual_ops_on_a_features_decoder_row_match_transformers(engine, saes, hf_model, op, value):
+    f15, _ = await top_feature(engine, "r15")
+    entry = SteeringEntry(sae="r15", feature=f15, op=op, value=value)
+    tokens, ids, _, _ = await run(engine, PROMPT, [entry], Sampling(max_tokens=6, temperature=0.0))
+    with reference.steered(hf_model, {"r15": saes["r15"]}, [entry], len(ids)):
+        assert tokens == reference.greedy(hf_model, ids, 6)
+    as_vector = SteeringEntry(vector=direction(saes, "r15", f15), hook_point="blocks.15.resid_post", op=op, value=value)
+    assert (await run(engine, PROMPT, [as_vector], Sampling(max_tokens=6, temperature=0.0)))[0] == tokens
+
+
+async def test_a_batch_mixing_vector_feature_and_unsteered_requests_matches_runs_alone(engine, saes):
+    f15, _ = await top_feature(engine, "r15")
+    vector = direction(saes, "r15", f15)
+    prompts = ["Write a haiku about the sea.", "List three prime numbers:", "The quick brown fox", "Once upon a time"]
+    specs = [
+        [SteeringEntry(vector=vector, hook_point="blocks.12.resid_post", value=10.0)],
+        [],
+        [
+            SteeringEntry(sae="r15", feature=f15, value=60.0),
+            SteeringEntry(vector=vector, hook_point="blocks.4.attn_out", op="ablate"),
+        ],
+        [
+            SteeringEntry(
+                vector=[-v for v in vector],
+                hook_point="blocks.12.resid_post",
+                op="set",
+                value=8.0,
+                positions="generated",
+            )
+        ],
+    ]
+    samplings = [Sampling(max_tokens=4 + 3 * i, temperature=0.0) for i in range(len(prompts))]
+    alone = [await run(engine, p, s, sp) for p, s, sp in zip(prompts, specs, samplings)]
+    plain = [await run(engine, p, [], sp) for p, sp in zip(prompts, samplings)]
+    together = await asyncio.gather(*[run(engine, p, s, sp) for p, s, sp in zip(prompts, specs, samplings)])
+    for i in range(len(prompts)):
+        assert together[i][0] == alone[i][0], f"request {i} differs in the batch"
+    assert together[1][0] == plain[1][0]
+    assert sum(alone[i][0] != plain[i][0] for i in (0, 2, 3)) >= 2
+
+
+async def test_zero_vectors_leave_the_output_unchanged_and_vector_specs_never_share_kv(engine, saes):
+    sampling = Sampling(max_tokens=8, temperature=0.0, prompt_logprobs=0)
+    base, _, base_lp, _ = await run(engine, PROMPT, [], sampling)
+    zero = [0.0] * len(direction(saes, "r15", 0))
+    f15, _ = await top_feature(engine, "r15")
+    for entry in (
+        SteeringEntry(vector=zero, hook_point="blocks.15.resid_post", value=50.0),
+        SteeringEntry(vector=direction(saes, "r15", f15), hook_point="blocks.15.resid_post", value=0.0),
+    ):
+        tokens, _, lp, _ = await run(engine, PROMPT, [entry], sampling)
+        assert tokens == base and lp == base_lp, entry
+    prompt = "In a quiet village by the mountains there lived an old clockmaker who " * 3
+    greedy = Sampling(max_tokens=10, temperature=0.0)
+    one = [
+        SteeringEntry(
+            vector=direction(saes, "r15", f15), hook_point="blocks.15.resid_post", value=60.0, positions="prompt"
+        )
+    ]
+    other = [one[0].model_copy(update={"value": -60.0})]
+    first, _, _, _ = await run(engine, prompt, one, greedy)
+    second, _, _, _ = await run(engine, prompt, other, greedy)  # its prefix must not come from `one`'s KV
+    assert first != second
+    assert (await run(engine, prompt, [], greedy))[0] != first
+    assert (await run(engine, prompt, other, greedy))[0] == second
+
+
+async def test_bad_vector_entries_fail_before_the_engine_naming_the_field(engine, saes):
+    vector = direction(saes, "r15", 0)
+    cases = [
+        (dict(vector=vector[:-1], hook_point="blocks.15.resid_post"), "steering[0].vector"),
+        (dict(vector=vector, hook_point="blocks.99.resid_post"), "steering[0].hook_point"),
+        (dict(vector=vector, hook_point="layer15"), "steering[0].hook_point"),
+        (dict(vector=[0.0] * len(vector), hook_point="blocks.15.resid_post", op="ablate"), "steering[0].vector"),
+        (dict(vector=vector, hook_point="blocks.15.resid_post", value=1e9), "steering[0].value"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(SpecError) as err:
+            await anext(engine.generate(PROMPT, GREEDY, [SteeringEntry(**fields)]))
+        assert err.value.param == param, fields
+    for fields, message in (
+        (dict(vector=vector, hook_point="blocks.15.resid_post", op="clamp"), "acts on an SAE feature"),
+        (dict(vector=vector), "needs both vector and hook_point"),
+        (dict(sae="r15", feature=1, vector=vector, hook_point="blocks.15.resid_post"), "not both"),
+        (dict(value=1.0), "names an SAE feature"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SteeringEntry(**fields)

@@ -131,3 +131,21 @@ def test_a_batch_without_steering_leaves_every_row_unowned(tmp_path):
     before = hidden.clone()
     rt.apply(SITE, hidden, torch.zeros(4, D), True)
     assert torch.equal(hidden, before)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_vector_entry_ablates_its_direction_on_its_own_rows(tmp_path, static):
+    rt = runtime(tmp_path, static)
+    u = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    entry = SteeringEntry(vector=u.tolist(), hook_point=f"blocks.{LAYER}.resid_post", op="ablate")
+    positions = attach(rt, [("v", 3, 0, 3, codec.encode([entry], None, "key-v")), ("w", 2, 0, 2, {})])
+    rt.begin_step(positions)
+    hidden, residual = torch.randn(5, D), torch.randn(5, D)
+    x = hidden + residual
+    rt.apply(SITE, hidden, residual, True)
+    after = hidden + residual
+    unit = u / u.norm()
+    torch.testing.assert_close(after[:3] @ unit, torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after[:3], x[:3] - (x[:3] @ unit).unsqueeze(1) * unit, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after[3:], x[3:])
+    assert rt.reports.pop("key-v")["rows"] == {0: 3}

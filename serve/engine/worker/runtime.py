@@ -19,7 +19,16 @@ import torch
 
 from sae import load_sae
 from sae.hookpoints import SITES, HookPoint
-from sae.steering import FoldedSAE, SlotTable, SteeringTable, SteerOp, slot_delta, steering_delta
+from sae.steering import (
+    LATENT_OPS,
+    RESIDUAL_OPS,
+    FoldedSAE,
+    SlotTable,
+    SteeringTable,
+    SteerOp,
+    slot_delta,
+    steering_delta,
+)
 from serve.engine.codec import EncodedEntry, PositionMode, WorkerOptions, decode
 
 CAPTURE_TTL_S = 600.0
@@ -64,24 +73,33 @@ class RequestPlan:
     capture_generated: bool = False
 
     @classmethod
-    def from_extra_args(cls, extra: dict | None, prompt_len: int, saes: dict[str, WorkerSAE]) -> RequestPlan | None:
+    def from_extra_args(
+        cls, extra: dict | None, prompt_len: int, saes: dict[str, WorkerSAE], local_layers: range
+    ) -> RequestPlan | None:
         request = decode(extra)
         if request is None:
             return None
         steer: dict[int, list[EncodedEntry]] = {}
         missing = []
+        local: dict[int, bool] = {}  # site -> its layer runs on this pipeline stage
         for entry in request.steer:
-            sae = saes.get(entry.sae)
-            if sae is None:  # unloaded after validation: reported to the caller as sae_not_loaded
+            if entry.hook_point is not None:  # a vector
+                hp = HookPoint.parse(entry.hook_point)
+                site = site_index(hp)
+                local[site] = hp.layer in local_layers
+            elif (sae := saes.get(entry.sae or "")) is not None:
+                site = sae.site
+                local[site] = sae.local
+            else:  # unloaded after validation: reported to the caller as sae_not_loaded
                 missing.append(entry.index)
                 continue
-            steer.setdefault(sae.site, []).append(entry)
+            steer.setdefault(site, []).append(entry)
         plan = cls(key=request.key, prompt_len=prompt_len, steer=steer, missing=missing)
         for site, entries in steer.items():
+            if not local[site]:  # another pipeline stage steers there; this one counts the rows
+                continue
             for entry in entries:
-                if not saes[entry.sae].local:  # another pipeline stage steers it; this one counts its rows
-                    continue
-                full = entry.op != SteerOp.ADD and saes[entry.sae].folded.needs_full_encode
+                full = entry.op in LATENT_OPS and saes[entry.sae or ""].folded.needs_full_encode
                 (plan.topk if full else plan.slotted).setdefault(site, []).append(entry)
         cap = request.capture
         if cap is not None:
@@ -251,7 +269,7 @@ class SteeringRuntime:
             self.tables = {s: SlotTable.allocate(d_model, options.steering_slots, device) for s in range(n_sites)}
         self._slotted: frozenset[str] = frozenset()  # steering requests the slot tables were filled for
         self._slot_use: dict[int, int] = {}  # site -> slots in use
-        self._topk_rows: dict[tuple[int, str], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
+        self._topk_rows: dict[tuple[int, str | None], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
         self._live: dict[int, _LiveSite] = {}
         self._decode_only = False  # this step has no prompt rows (read by the fault switch only)
         self._skip_decode = os.environ.get(FAULT_SKIP_DECODE_ENV) == "1"
@@ -347,7 +365,7 @@ class SteeringRuntime:
             if plan.capture_id is not None:
                 self._plan_capture(live, plan, start, end, pos)
         for (site, sae_id), entries in self._topk_rows.items():
-            live[site].topk.append(self._topk_group(self.saes[sae_id], entries, pos, n))
+            live[site].topk.append(self._topk_group(self.saes[sae_id or ""], entries, pos, n))
         self._topk_rows.clear()
         self.row_owner[: owner.shape[0]].copy_(torch.from_numpy(owner), non_blocking=True)
         self.row_generated[:n].copy_(torch.from_numpy(generated), non_blocking=True)
@@ -368,7 +386,9 @@ class SteeringRuntime:
             return None
         if len(self._plans) >= len(self.runner.requests):
             self._forget_finished()
-        plan = RequestPlan.from_extra_args(state.sampling_params.extra_args, state.num_prompt_tokens, self.saes)
+        plan = RequestPlan.from_extra_args(
+            state.sampling_params.extra_args, state.num_prompt_tokens, self.saes, self.local_layers
+        )
         if plan is not None and (plan.steer or plan.missing):
             self.reports.open(plan.key, plan.missing)
             if self.static:  # the facade refuses these with CUDA graphs; never run them unreported
@@ -402,24 +422,11 @@ class SteeringRuntime:
             for plan, e in site_entries[capacity:]:
                 self.reports.leave_out(plan.key, e.index)
                 plan.left_out.add(e.index)
-            kept = sorted(site_entries[:capacity], key=lambda pe: pe[1].sae)  # one SAE's slots side by side
-            start = 0
-            for sae_id in dict.fromkeys(e.sae for _, e in kept):
-                group = [(p, e) for p, e in kept if e.sae == sae_id]
-                sae = self.saes[sae_id]
-                modes = [e.positions for _, e in group]
-                sae_features = torch.tensor([e.feature for _, e in group], dtype=torch.long, device=self.device)
-                table.fill(
-                    start,
-                    sae.folded,
-                    sae_features,
-                    [int(e.op) for _, e in group],
-                    [e.value for _, e in group],
-                    [p.owner for p, _ in group],
-                    [m != PositionMode.GENERATED for m in modes],
-                    [m != PositionMode.PROMPT for m in modes],
-                )
-                start += len(group)
+            kept = site_entries[:capacity]
+            start = self._fill_latent_slots(table, [(p, e) for p, e in kept if e.op not in RESIDUAL_OPS and e.sae])
+            start = self._fill_direction_slots(
+                table, start, [(p, e) for p, e in kept if e.op in RESIDUAL_OPS or not e.sae]
+            )
             for plan, e in kept:
                 plan.left_out.discard(e.index)
             table.clear(start)
@@ -428,6 +435,55 @@ class SteeringRuntime:
             self.tables[site].clear(0)
         self._slot_use = use
         self._slotted = frozenset(p.key for p in plans)
+
+    def _fill_latent_slots(self, table: SlotTable, entries: list[tuple[RequestPlan, EncodedEntry]]) -> int:
+        """Slots from 0 on for entries that read an SAE latent (and add along its decoder row), one SAE's slots
+        side by side; returns the next free slot."""
+        start = 0
+        for sae_id in dict.fromkeys(e.sae for _, e in entries):
+            group = [(p, e) for p, e in entries if e.sae == sae_id]
+            modes = [e.positions for _, e in group]
+            table.fill(
+                start,
+                self.saes[sae_id or ""].folded,
+                torch.tensor([e.feature for _, e in group], dtype=torch.long, device=self.device),
+                [int(e.op) for _, e in group],
+                [e.value for _, e in group],
+                [p.owner for p, _ in group],
+                [m != PositionMode.GENERATED for m in modes],
+                [m != PositionMode.PROMPT for m in modes],
+            )
+            start += len(group)
+        return start
+
+    def _fill_direction_slots(
+        self, table: SlotTable, start: int, entries: list[tuple[RequestPlan, EncodedEntry]]
+    ) -> int:
+        """Slots for residual-space entries: vectors, and residual ops along a feature's decoder row."""
+        if not entries:
+            return start
+        raw = torch.stack(
+            [
+                torch.tensor(e.vector, dtype=torch.float32, device=self.device)
+                if e.vector is not None
+                else self.saes[e.sae or ""].folded.decoder_rows(torch.tensor([e.feature], device=self.device))[0]
+                for _, e in entries
+            ]
+        )  # [k, d]
+        unit = raw / raw.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        keep_raw = torch.tensor([e.op == SteerOp.ADD and not e.normalize for _, e in entries], device=self.device)
+        modes = [e.positions for _, e in entries]
+        table.fill_directions(
+            start,
+            unit,
+            torch.where(keep_raw.unsqueeze(1), raw, unit),
+            [int(e.op) for _, e in entries],
+            [e.value for _, e in entries],
+            [p.owner for p, _ in entries],
+            [m != PositionMode.GENERATED for m in modes],
+            [m != PositionMode.PROMPT for m in modes],
+        )
+        return start + len(entries)
 
     def _count(self, plan: RequestPlan, rows: int, generated: int) -> None:
         """Add this step's rows to each entry's report count (rows are counted when planned)."""

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from serve.errors import InvalidRequest
 from serve.http.context import IngressContext
+from serve.http.metrics import VECTOR_LABEL
 from serve.http.routes.deps import get_ctx, require_user
 from serve.http.routes.responses import errors
 from serve.protocol import ActivationsRequest, ActivationsResponse
@@ -21,7 +22,7 @@ async def activations(req: ActivationsRequest, ctx: IngressContext = Depends(get
     limits = ctx.config.limits
     ctx.check_at_most(req.top_k, limits.max_activation_top_k, "top_k")
     ctx.check_at_most(req.max_tokens, limits.max_tokens, "max_tokens")
-    for sae in sorted({e.sae for e in req.steering}):
+    for sae in sorted({e.sae or VECTOR_LABEL for e in req.steering}):
         ctx.metrics.steered.labels(sae).inc()
     out = await ctx.replica.activations(req)
     ctx.metrics.prompt_tokens.inc(out.usage.prompt_tokens)

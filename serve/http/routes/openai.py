@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serve.errors import InvalidRequest, ServeError
 from serve.http.context import IngressContext
 from serve.http.errors import error_body, error_type
+from serve.http.metrics import VECTOR_LABEL
 from serve.http.replica_client import GenerationStream
 from serve.http.routes.deps import get_ctx, require_user
 from serve.http.routes.responses import errors, json_or_sse
@@ -110,7 +111,7 @@ class _Tracker:
         self.completion_tokens = 0
         self.steering_report: list[SteeringReport] | None = None
         self._first = True
-        for sae in sorted({e.sae for e in steering}):
+        for sae in sorted({e.sae or VECTOR_LABEL for e in steering}):
             ctx.metrics.steered.labels(sae).inc()
 
     def seen(self, item: StreamItem) -> None:
