@@ -206,22 +206,38 @@ class SlotTable:
 
 
 def slot_delta(
-    x: torch.Tensor, table: SlotTable, row_owner: torch.Tensor, row_generated: torch.Tensor, used: int | None = None
+    x: torch.Tensor,
+    table: SlotTable,
+    row_owner: torch.Tensor,
+    row_generated: torch.Tensor,
+    used: int | None = None,
+    reads: bool = True,
 ) -> torch.Tensor:  # [T, d_in] -> [T, d_in]
     """The change every slot makes to the rows it owns, with fixed shapes: `row_owner` [>= T] long (-1: no
     steering request) and `row_generated` [>= T] bool are the step's row table. `used` limits the work to the first
-    slots where the caller knows the rest are free (never inside a captured graph: there all slots are computed).
+    slots where the caller knows the rest are free, and `reads=False` skips the encode where it knows every used
+    slot is an add (neither inside a captured graph: there every slot is computed).
     A slot's latent activation is f = pre · [pre > threshold] (ReLU, JumpReLU; a direction slot has threshold
     −inf, so f is its projection); h_bias adds act(pre + v) − f."""
     t = table
     cols = slice(None) if used is None else slice(0, used)
     n = x.shape[0]
-    pre = x @ t.read[:, cols] + t.read_bias[cols]  # [T, U]
-    thr, v, op = t.threshold[cols], t.value[cols], t.op[cols]
+    v, op = t.value[cols], t.op[cols]
+    if reads:
+        pre = x @ t.read[:, cols] + t.read_bias[cols]  # [T, U]
+        coef = _coefficients(pre, t.threshold[cols], v, op)
+    else:
+        coef = v.expand(n, -1)
+    gen = row_generated[:n].unsqueeze(1)  # [T, 1]
+    applies = (row_owner[:n].unsqueeze(1) == t.owner[cols]) & torch.where(gen, t.on_generated[cols], t.on_prompt[cols])
+    return (coef * applies) @ t.write[cols]
+
+
+def _coefficients(pre: torch.Tensor, thr: torch.Tensor, v: torch.Tensor, op: torch.Tensor) -> torch.Tensor:  # [T, U]
     f = pre * (pre > thr)
     biased = pre + v
     pinned = v - f  # clamp and set; cap keeps its negative part only
-    coef = torch.where(
+    return torch.where(
         op == SteerOp.ADD,
         v,
         torch.where(
@@ -238,9 +254,6 @@ def slot_delta(
             ),
         ),
     )
-    gen = row_generated[:n].unsqueeze(1)  # [T, 1]
-    applies = (row_owner[:n].unsqueeze(1) == t.owner[cols]) & torch.where(gen, t.on_generated[cols], t.on_prompt[cols])
-    return (coef * applies) @ t.write[cols]
 
 
 @dataclass

@@ -79,8 +79,10 @@ def test_slot_delta_equals_the_reference_per_request(tmp_path, architecture, ops
 def test_add_on_a_topk_sae_needs_no_encode(tmp_path):
     sae = folded(tmp_path, "topk")
     x = 3 * torch.randn(27, D, generator=torch.Generator().manual_seed(1))
-    table, owners, generated, expected, _ = random_step(sae, x, [SteerOp.ADD], seed=5)
+    table, owners, generated, expected, used = random_step(sae, x, [SteerOp.ADD], seed=5)
     torch.testing.assert_close(slot_delta(x, table, owners, generated), expected, atol=1e-4, rtol=1e-4)
+    skipped = slot_delta(x, table, owners, generated, used, reads=False)  # the per-step path's add-only sites
+    torch.testing.assert_close(skipped, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_free_slots_and_unowned_rows_give_exactly_zero(tmp_path):

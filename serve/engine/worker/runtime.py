@@ -135,6 +135,7 @@ class _LiveSite:
     """What one hook site does in this step, for the per-step path (the static path computes every site)."""
 
     slots: int = 0  # slots in use in the site's table
+    reads: bool = True  # some used slot reads its activation (not an add)
     topk: list[_SteerGroup] = field(default_factory=list)
     tap: int | None = None
 
@@ -269,6 +270,7 @@ class SteeringRuntime:
             self.tables = {s: SlotTable.allocate(d_model, options.steering_slots, device) for s in range(n_sites)}
         self._slotted: frozenset[str] = frozenset()  # steering requests the slot tables were filled for
         self._slot_use: dict[int, int] = {}  # site -> slots in use
+        self._slot_reads: dict[int, bool] = {}  # site -> some slot in use reads its activation
         self._topk_rows: dict[tuple[int, str | None], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
         self._live: dict[int, _LiveSite] = {}
         self._decode_only = False  # this step has no prompt rows (read by the fault switch only)
@@ -345,7 +347,7 @@ class SteeringRuntime:
         pos = positions[:n].to("cpu", torch.long).numpy()  # row bookkeeping stays on the host
         owner = np.full(max(n, self._rows_set), NO_OWNER, dtype=np.int64)
         generated = np.zeros(n, dtype=bool)
-        live = {site: _LiveSite(slots=used) for site, used in self._slot_use.items()}
+        live = {site: _LiveSite(used, self._slot_reads[site]) for site, used in self._slot_use.items()}
         decode_only = True
         for i, plan in active:
             start, end = int(qsl[i]), int(qsl[i + 1])
@@ -415,6 +417,7 @@ class SteeringRuntime:
                 per_site.setdefault(site, []).extend((plan, e) for e in entries)
         capacity = self.options.steering_slots
         use: dict[int, int] = {}
+        reads: dict[int, bool] = {}
         for site, site_entries in per_site.items():
             table = self.tables.get(site)
             if table is None:
@@ -431,9 +434,11 @@ class SteeringRuntime:
                 plan.left_out.discard(e.index)
             table.clear(start)
             use[site] = start
+            reads[site] = any(e.op != SteerOp.ADD for _, e in kept)
         for site in set(self._slot_use) - set(use):
             self.tables[site].clear(0)
         self._slot_use = use
+        self._slot_reads = reads
         self._slotted = frozenset(p.key for p in plans)
 
     def _fill_latent_slots(self, table: SlotTable, entries: list[tuple[RequestPlan, EncodedEntry]]) -> int:
@@ -600,7 +605,7 @@ class SteeringRuntime:
         delta = torch.zeros_like(x)
         if not (self._skip_decode and self._decode_only):
             if live.slots:
-                delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated, live.slots)
+                delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated, live.slots, live.reads)
             for group in live.topk:
                 delta += steering_delta(group.sae.folded, group.table, x)
             hidden.add_(delta.to(hidden.dtype))
