@@ -1,7 +1,8 @@
 """The RayService's Serve config, generated from the one the local run uses (deploy/serve/config.yaml).
 
 Each overlay's config is deploy/serve/config.yaml with the changes of base/serve-config-changes.yaml and then of the
-overlay's serve-config-changes.yaml merged in (mappings merge key by key; anything else is replaced). The result is
+overlay's serve-config-changes.yaml merged in (mappings merge key by key; anything else is replaced); a changes
+file with `extends: <overlay>` is merged after that overlay's changes (an overlay built on another one). The result is
 written to the overlay's serve-config.patch.yaml, a kustomize patch that sets the RayService's serveConfigV2.
 
     python deploy/k8s/serve_config.py           # rewrite every overlay's patch
@@ -38,9 +39,11 @@ def merge(into: Any, change: Any) -> Any:
 
 def apply_changes(serve_config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """A changes file applied to a Serve config: `serve` merges into the top level, `args` into the one app's args."""
-    unknown = set(changes) - {"serve", "args"}
+    unknown = set(changes) - {"serve", "args", "extends"}
     if unknown:
-        raise ValueError(f"unknown keys in a serve-config changes file: {sorted(unknown)} (use 'serve' and 'args')")
+        raise ValueError(
+            f"unknown keys in a serve-config changes file: {sorted(unknown)} (use 'serve', 'args' and 'extends')"
+        )
     config = merge(serve_config, changes.get("serve") or {})
     (app,) = config["applications"]
     config["applications"] = [{**app, "args": merge(app.get("args") or {}, changes.get("args") or {})}]
@@ -51,10 +54,19 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def overlay_changes(overlay: str) -> list[dict[str, Any]]:
+    """The changes files that make the overlay's config, in merge order (those it extends first)."""
+    changes = load_yaml(OVERLAYS / overlay / CHANGES_FILE)
+    parent = changes.get("extends")
+    return (overlay_changes(parent) if parent else []) + [changes]
+
+
 def overlay_serve_config(overlay: str) -> dict[str, Any]:
     """The Serve config the named overlay's RayService runs."""
     config = apply_changes(load_yaml(LOCAL_CONFIG), load_yaml(BASE_CHANGES))
-    return apply_changes(config, load_yaml(OVERLAYS / overlay / CHANGES_FILE))
+    for changes in overlay_changes(overlay):
+        config = apply_changes(config, changes)
+    return config
 
 
 def overlay_names() -> list[str]:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 CRDS = K8S / "crds"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "gpu-tp")
 IMAGE_APP_DIR = PurePosixPath("/app")
 """WORKDIR of deploy/docker/Dockerfile.*: the repository files the images copy lie under it."""
 KUBERNETES_VERSION = "1.35"

@@ -42,6 +42,10 @@ DOCUMENTED_CHANGES = {
         ("args", "model", "autoscaling"),
     },
 }
+DOCUMENTED_CHANGES["gpu-tp"] = DOCUMENTED_CHANGES["gpu"] | {
+    ("args", "engine", "tensor_parallel_size"),
+    ("args", "engine", "sae_memory_gib"),
+}
 """Where an overlay's Serve config may differ from the local one: the list in docs/deploy.md."""
 
 
@@ -177,13 +181,16 @@ def test_cluster_fits_the_serve_config(overlay):
     assert config.model.autoscaling.max_replicas == workers["maxReplicas"]
     assert config.model.autoscaling.min_replicas <= workers["minReplicas"]
     assert cluster["enableInTreeAutoscaling"] is True
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):  # a pod holds the GPUs of all its replica's engine workers (vLLM's mp backend)
         limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits["nvidia.com/gpu"] == workers["rayStartParams"]["num-gpus"] == "1"
+        gpus = config.model_serve_options()["ray_actor_options"]["num_gpus"]
+        assert limits["nvidia.com/gpu"] == workers["rayStartParams"]["num-gpus"] == str(int(gpus))
+        assert gpus == config.engine.tensor_parallel_size * config.engine.pipeline_parallel_size
 
 
 def test_overlays_differ_only_where_intended():
-    cpu, gpu = (embedded_config(o) for o in OVERLAYS)
+    cpu, gpu, gpu_tp = (embedded_config(o) for o in OVERLAYS)
+    assert gpu_tp["applications"][0]["args"]["engine"]["tensor_parallel_size"] == 2
     assert gpu["applications"][0]["args"]["engine"]["model"] == "/models/Llama-3.1-8B-Instruct"
     assert (
         cpu["applications"][0]["args"]["engine"]["model"]
