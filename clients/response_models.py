@@ -31,8 +31,8 @@ class SteeringReport(_Response):
     sae: str | None = Field(description="SAE id of a feature entry (null for a vector).")
     feature: int | None = Field(description="Feature index of a feature entry (null for a vector).")
     steered_tokens: int = Field(description="Token rows this entry steered.")
-    status: Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity"] = Field(
-        description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity."
+    status: Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity", "condition_not_met"] = (
+        Field(description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity | condition_not_met.")
     )
 
 

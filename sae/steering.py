@@ -151,9 +151,13 @@ class SlotTable:
     owner: torch.Tensor  # [U] long, the owning request's id in the step's row table; EMPTY_SLOT when unused
     on_prompt: torch.Tensor  # [U] bool, steers the owner's prompt rows
     on_generated: torch.Tensor  # [U] bool, steers the owner's generated rows
+    conditions: torch.Tensor  # [U, K] long, columns of the step's condition results that must all hold
+    hits: torch.Tensor  # [U] rows each slot steered since it was last read (for the steering report)
 
     @classmethod
-    def allocate(cls, d_in: int, capacity: int, device: torch.device) -> SlotTable:
+    def allocate(cls, d_in: int, capacity: int, device: torch.device, always: int = 0, per_slot: int = 1) -> SlotTable:
+        """`always`: the condition-results column that is always true (a slot without conditions points there);
+        `per_slot`: the most conditions one slot has."""
         f32, zeros = torch.float32, torch.zeros
         return cls(
             read=zeros(d_in, capacity, dtype=f32, device=device),
@@ -165,6 +169,8 @@ class SlotTable:
             owner=torch.full((capacity,), EMPTY_SLOT, dtype=torch.long, device=device),
             on_prompt=zeros(capacity, dtype=torch.bool, device=device),
             on_generated=zeros(capacity, dtype=torch.bool, device=device),
+            conditions=torch.full((capacity, per_slot), always, dtype=torch.long, device=device),
+            hits=zeros(capacity, dtype=f32, device=device),
         )
 
     @property
@@ -204,6 +210,59 @@ class SlotTable:
         self.owner[start:] = EMPTY_SLOT
         self.value[start:] = 0.0
 
+    def gate(self, start: int, columns: list[list[int]], always: int) -> None:
+        """Point slots [start, start + len(columns)) at their condition columns (the rest at `always`)."""
+        for u, cols in enumerate(columns, start=start):
+            row = cols + [always] * (self.conditions.shape[1] - len(cols))
+            self.conditions[u] = torch.as_tensor(row, dtype=torch.long)
+
+
+@dataclass
+class ConditionTable:
+    """Persistent condition slots of one hook site: slot c tests one SAE latent's activation against a bound and
+    writes the result into column `column[c]` of the step's condition results (free slots write a scratch column)."""
+
+    read: torch.Tensor  # [d_in, C] folded encoder column
+    read_bias: torch.Tensor  # [C]
+    threshold: torch.Tensor  # [C] activation threshold (0 for ReLU)
+    bound: torch.Tensor  # [C]
+    below: torch.Tensor  # [C] bool: holds where the activation is below the bound (else above)
+    column: torch.Tensor  # [C] long
+
+    @classmethod
+    def allocate(cls, d_in: int, capacity: int, device: torch.device, scratch: int) -> ConditionTable:
+        zeros = torch.zeros
+        return cls(
+            read=zeros(d_in, capacity, device=device),
+            read_bias=zeros(capacity, device=device),
+            threshold=zeros(capacity, device=device),
+            bound=zeros(capacity, device=device),
+            below=zeros(capacity, dtype=torch.bool, device=device),
+            column=torch.full((capacity,), scratch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.bound.shape[0]
+
+    def fill(self, start: int, sae: FoldedSAE, feature: int, below: bool, bound: float, column: int) -> None:
+        self.read[:, start] = sae.W_enc[:, feature]
+        self.read_bias[start] = sae.b_enc[feature]
+        self.threshold[start] = sae.threshold[feature] if sae.threshold is not None else 0.0
+        self.bound[start], self.below[start], self.column[start] = bound, below, column
+
+    def clear(self, start: int, scratch: int) -> None:
+        self.column[start:] = scratch
+
+
+def condition_results(x: torch.Tensor, table: ConditionTable, used: int | None = None) -> torch.Tensor:  # [T, C]
+    """Whether each condition slot holds at each row (fixed shapes; ReLU and JumpReLU latents)."""
+    cols = slice(None) if used is None else slice(0, used)
+    pre = x @ table.read[:, cols] + table.read_bias[cols]
+    act = pre * (pre > table.threshold[cols])
+    bound = table.bound[cols]
+    return torch.where(table.below[cols], act < bound, act > bound)
+
 
 def slot_delta(
     x: torch.Tensor,
@@ -212,11 +271,14 @@ def slot_delta(
     row_generated: torch.Tensor,
     used: int | None = None,
     reads: bool = True,
+    condition_ok: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, d_in] -> [T, d_in]
     """The change every slot makes to the rows it owns, with fixed shapes: `row_owner` [>= T] long (-1: no
     steering request) and `row_generated` [>= T] bool are the step's row table. `used` limits the work to the first
     slots where the caller knows the rest are free, and `reads=False` skips the encode where it knows every used
-    slot is an add (neither inside a captured graph: there every slot is computed).
+    slot is an add (neither inside a captured graph: there every slot is computed). With `condition_ok`
+    [>= T, columns] bool (the step's condition results, one column always true), a slot applies only at rows where
+    all its `conditions` columns hold; the rows each slot steered are added to `table.hits`.
     A slot's latent activation is f = pre · [pre > threshold] (ReLU, JumpReLU; a direction slot has threshold
     −inf, so f is its projection); h_bias adds act(pre + v) − f."""
     t = table
@@ -230,6 +292,9 @@ def slot_delta(
         coef = v.expand(n, -1)
     gen = row_generated[:n].unsqueeze(1)  # [T, 1]
     applies = (row_owner[:n].unsqueeze(1) == t.owner[cols]) & torch.where(gen, t.on_generated[cols], t.on_prompt[cols])
+    if condition_ok is not None:
+        applies = applies & condition_ok[:n][:, t.conditions[cols]].all(dim=-1)  # [T, U, K] -> [T, U]
+        t.hits[cols] += applies.sum(dim=0)
     return (coef * applies) @ t.write[cols]
 
 

@@ -11,14 +11,33 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve.errors import SpecError
 
 SteeringOp = Literal["add", "clamp", "mul", "h_bias", "ablate", "cap", "set"]
 LATENT_OPS = ("clamp", "mul", "h_bias")  # act on an SAE feature's activation, so they need a feature
+MAX_CONDITIONS = 4  # per steering entry
 Positions = Literal["all", "prompt", "generated"]
 FeatureSelection = dict[str, list[Annotated[int, Field(ge=0)]]]  # SAE id -> feature indices
+
+
+class SteeringCondition(BaseModel):
+    """A gate on a steering entry: the entry applies at a token only where this SAE feature's activation, read at its
+    hook point before that site's own steering, is above `above` (or below `below`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    sae: str = Field(min_length=1, description="Id of a loaded SAE at or before the entry's hook point.")
+    feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
+    above: float | None = Field(default=None, description="The entry applies where the activation is > this.")
+    below: float | None = Field(default=None, description="The entry applies where the activation is < this.")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> SteeringCondition:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("a condition has exactly one of above and below")
+        return self
 
 
 class SteeringEntry(BaseModel):
@@ -48,6 +67,17 @@ class SteeringEntry(BaseModel):
     )
     op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias | ablate | cap | set.")
     positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
+    when: list[SteeringCondition] = Field(
+        default_factory=list,
+        max_length=MAX_CONDITIONS,
+        description="Conditions (one object or a list, combined with AND): the entry applies only at tokens where "
+        "all hold.",
+    )
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _one_target(self) -> SteeringEntry:
@@ -171,19 +201,27 @@ def steering_cache_salt(entries: list[SteeringEntry], saes: dict[str, SAEMeta]) 
         json.dumps(
             [e.hook_point, _vector_digest(e.vector), e.normalize]
             if e.vector is not None
-            else [e.sae, saes[e.sae].version if e.sae in saes else "", e.feature]
+            else [e.sae, _version(saes, e.sae), e.feature]
         )
         + json.dumps([e.op, repr(float(e.value)), e.positions])
+        + json.dumps(
+            [[c.sae, saes[c.sae].version if c.sae in saes else "", c.feature, c.above, c.below] for c in e.when]
+        )
         for e in entries
     )
     return "steer-" + hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:32]
+
+
+def _version(saes: dict[str, SAEMeta], sae_id: str | None) -> str:
+    meta = saes.get(sae_id or "")
+    return meta.version if meta is not None else ""
 
 
 def _vector_digest(vector: list[float]) -> str:
     return hashlib.sha256(json.dumps([repr(float(v)) for v in vector]).encode()).hexdigest()
 
 
-ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity"]
+ReportStatus = Literal["applied", "no_tokens", "not_applied", "sae_not_loaded", "over_capacity", "condition_not_met"]
 
 
 class SteeringReport(BaseModel):
@@ -191,7 +229,9 @@ class SteeringReport(BaseModel):
     engine computed twice, after preemption, counts twice) and a status:
     applied (steered_tokens > 0); no_tokens (its positions matched no token the model computed, e.g. `generated`
     with a one-token answer); not_applied (it should have steered tokens but steered none: logged as an error);
-    sae_not_loaded (its SAE was unloaded after the request was accepted: nothing was steered)."""
+    sae_not_loaded (its SAE was unloaded after the request was accepted: nothing was steered); over_capacity (it
+    was left out of at least one step for want of a slot); condition_not_met (its `when` held at no computed token).
+    A gated entry counts the rows the engine actually steered; the others count the rows planned for them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -199,4 +239,6 @@ class SteeringReport(BaseModel):
     sae: str | None = Field(description="SAE id of a feature entry (null for a vector).")
     feature: int | None = Field(description="Feature index of a feature entry (null for a vector).")
     steered_tokens: int = Field(description="Token rows this entry steered.")
-    status: ReportStatus = Field(description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity.")
+    status: ReportStatus = Field(
+        description="applied | no_tokens | not_applied | sae_not_loaded | over_capacity | condition_not_met."
+    )

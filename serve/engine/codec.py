@@ -31,6 +31,8 @@ class WorkerOptions:
     steering_slots: int  # steering entries one hook site holds in one step
     capture_sites: int  # hook points one step captures at
     sae_dtype: str | None  # torch dtype name of SAE weights; None: the model's dtype on CUDA, float32 elsewhere
+    condition_slots: int = 32  # distinct steering conditions one step evaluates
+    conditions_per_entry: int = 4  # the most conditions on one entry
 
     def to_additional_config(self) -> dict:
         return {EXTRA_ARGS_KEY: dataclasses.asdict(self)}
@@ -49,6 +51,16 @@ class PositionMode(IntEnum):
 
 
 @dataclass(frozen=True)
+class EncodedCondition:
+    """A gate of an entry: feature `feature` of SAE `sae` must be above (or, with `below`, below) `bound`."""
+
+    sae: str
+    feature: int
+    below: bool
+    bound: float
+
+
+@dataclass(frozen=True)
 class EncodedEntry:
     """One steering entry as the worker reads it; `index` is its place in the request's steering list. A feature
     entry has `sae` and `feature`; a vector entry `hook_point` and `vector` instead."""
@@ -62,6 +74,7 @@ class EncodedEntry:
     hook_point: str | None = None
     vector: list[float] | None = None
     normalize: bool = False
+    when: tuple[EncodedCondition, ...] = ()  # all must hold at a token for the entry to apply there
 
 
 @dataclass
@@ -93,7 +106,7 @@ def encode(entries: Iterable[SteeringEntry], capture: CaptureSpec | None, key: s
             int(SteerOp[e.op.upper()]),
             float(e.value),
             int(PositionMode[e.positions.upper()]),
-            *([e.hook_point, [float(v) for v in e.vector], e.normalize] if e.vector is not None else []),
+            _extras(e),
         ]
         for e in entries
     ]
@@ -112,21 +125,36 @@ def encode(entries: Iterable[SteeringEntry], capture: CaptureSpec | None, key: s
     return {EXTRA_ARGS_KEY: out}
 
 
+def _extras(e: SteeringEntry) -> dict[str, Any]:
+    """The optional parts of an entry: its vector, its conditions."""
+    out: dict[str, Any] = {}
+    if e.vector is not None:
+        out.update(hook_point=e.hook_point, vector=[float(v) for v in e.vector], normalize=e.normalize)
+    if e.when:
+        out["when"] = [[c.sae, c.feature, c.below is not None, c.above if c.below is None else c.below] for c in e.when]
+    return out
+
+
 def decode(extra_args: dict | None) -> EncodedRequest | None:
     """The worker's view of `encode`'s output; None for a request that neither steers nor captures."""
     spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
     if not spec:
         return None
-    steer = []
-    for i, (sae, feature, op, value, positions, *vector) in enumerate(spec.get("steer", ())):
-        entry = EncodedEntry(
-            i, sae, -1 if feature is None else int(feature), SteerOp(op), float(value), PositionMode(positions)
+    steer = [
+        EncodedEntry(
+            i,
+            sae,
+            -1 if feature is None else int(feature),
+            SteerOp(op),
+            float(value),
+            PositionMode(positions),
+            hook_point=extras.get("hook_point"),
+            vector=extras.get("vector"),
+            normalize=bool(extras.get("normalize", False)),
+            when=tuple(EncodedCondition(str(c[0]), int(c[1]), bool(c[2]), float(c[3])) for c in extras.get("when", ())),
         )
-        if vector:  # hook point, values, normalize
-            entry = dataclasses.replace(
-                entry, hook_point=str(vector[0]), vector=list(vector[1]), normalize=bool(vector[2])
-            )
-        steer.append(entry)
+        for i, (sae, feature, op, value, positions, extras) in enumerate(spec.get("steer", ()))
+    ]
     cap = spec.get("capture")
     capture = None
     if cap:

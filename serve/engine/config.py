@@ -55,6 +55,12 @@ class EngineConfig(BaseModel):
         description="Steering entries one hook site holds in one step, summed over the batch; an entry left out of a "
         "step is reported over_capacity.",
     )
+    condition_slots: int = Field(
+        default=32,
+        ge=1,
+        description="Distinct steering conditions (`when`) one step evaluates, over the batch; an entry whose "
+        "conditions find no room in a step is reported over_capacity.",
+    )
     capture_sites: int = Field(
         default=8, ge=1, description="Hook points one step can capture at, over the batch (a tap buffer each)."
     )

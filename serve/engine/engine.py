@@ -25,6 +25,7 @@ from serve.engine.config import EngineConfig
 from serve.engine.residency import Residency
 from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable, Unavailable
 from serve.specs import (
+    MAX_CONDITIONS,
     CaptureSpec,
     ReportStatus,
     SAEMeta,
@@ -160,7 +161,12 @@ class SAEEngine:
             pipeline_parallel_size=config.pipeline_parallel_size,
             distributed_executor_backend=config.distributed_executor_backend,
             additional_config=codec.WorkerOptions(
-                config.static_steering, config.steering_slots, config.capture_sites, config.sae_dtype
+                config.static_steering,
+                config.steering_slots,
+                config.capture_sites,
+                config.sae_dtype,
+                config.condition_slots,
+                MAX_CONDITIONS,
             ).to_additional_config(),
             **optional,
         )
@@ -278,6 +284,7 @@ class SAEEngine:
         for i, e in enumerate(steering):
             if e.vector is not None:
                 _check_vector(i, e, self.d_model, self.n_layers)
+            _check_conditions(i, e, self._saes, self.static_steering, self.config.pipeline_parallel_size > 1)
         if capture is not None:
             if n != 1:
                 raise SpecError("n: feature capture needs n == 1", "n")
@@ -330,7 +337,8 @@ class SAEEngine:
         salt = f"capture-{key}" if capture is not None else steering_cache_salt(steering, self._saes)
         if salt:
             engine_prompt["cache_salt"] = salt
-        sae_ids = [e.sae for e in steering if e.sae is not None] + (list(capture.saes) if capture else [])
+        sae_ids = [e.sae for e in steering if e.sae is not None] + [c.sae for e in steering for c in e.when]
+        sae_ids += list(capture.saes) if capture else []
         run = self._run(engine_prompt, params, request_id, key, extra, steering, capture, sampling)
         async with self._residency.reserve(sae_ids), contextlib.aclosing(run):
             async for update in run:
@@ -501,6 +509,8 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
             status = "over_capacity"
         elif steered:
             status = "applied"
+        elif e.when:
+            status = "condition_not_met"
         elif e.positions != "generated" or decoded:
             status = "not_applied"
         else:
@@ -509,6 +519,47 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
             logger.error("steering[%d] (%s) steered no token: %s", i, e.label(), status)
         out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
     return out
+
+
+def _check_conditions(i: int, e: SteeringEntry, saes: dict[str, SAEMeta], static: bool, pipelined: bool) -> None:
+    """Each condition's SAE is loaded, its feature in range, and its hook point at or before the entry's (a
+    condition is read before its own site's steering, so the same site is allowed); with pipeline stages, in the
+    entry's layer (a condition's result does not travel between stages)."""
+    from sae.hookpoints import SITES, HookPoint
+
+    def order(hook_point: str) -> tuple[int, int]:
+        hp = HookPoint.parse(hook_point)
+        return hp.layer, SITES.index(hp.site)
+
+    target = e.hook_point if e.vector is not None else saes[e.sae or ""].hook_point
+    for j, c in enumerate(e.when):
+        field = f"steering[{i}].when[{j}]"
+        meta = saes.get(c.sae)
+        if meta is None:
+            known = ", ".join(sorted(saes)) or "none loaded"
+            raise SpecError(f"{field}.sae: unknown SAE {c.sae!r} (loaded: {known})", f"{field}.sae")
+        if c.feature >= meta.d_sae:
+            raise SpecError(
+                f"{field}.feature: {c.feature} out of range for SAE {c.sae!r} with {meta.d_sae} features",
+                f"{field}.feature",
+            )
+        if order(meta.hook_point) > order(target or ""):
+            raise SpecError(
+                f"{field}.sae: {c.sae!r} reads {meta.hook_point}, after the entry's {target}: a condition must be "
+                f"computed before the steering it gates",
+                f"{field}.sae",
+            )
+        if pipelined and order(meta.hook_point)[0] != order(target or "")[0]:
+            raise SpecError(
+                f"{field}.sae: with pipeline_parallel_size > 1 a condition must read the entry's own layer",
+                f"{field}.sae",
+            )
+        if static and meta.architecture == "topk":
+            raise SpecError(
+                f"{field}.sae: a condition on a TopK SAE needs a full encode of every row, which this engine does "
+                f"not run inside its CUDA graphs; use a ReLU or JumpReLU SAE, or an engine with enforce_eager: true",
+                f"{field}.sae",
+            )
 
 
 def _check_vector(i: int, e: SteeringEntry, d_model: int, n_layers: int) -> None:

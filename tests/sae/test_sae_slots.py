@@ -12,10 +12,12 @@ from sae import load_sae
 from sae.steering import (
     EMPTY_SLOT,
     LATENT_OPS,
+    ConditionTable,
     FoldedSAE,
     SlotTable,
     SteeringTable,
     SteerOp,
+    condition_results,
     slot_delta,
     steering_delta,
 )
@@ -170,3 +172,42 @@ def test_direction_slots_apply_the_residual_ops(normalize):
     torch.testing.assert_close(after[2:4] @ unit[1], torch.zeros(2), atol=1e-4, rtol=0)  # ablated
     assert bool((after[4:6] @ unit[2] <= -0.5 + 1e-4).all())  # capped
     torch.testing.assert_close(after[6:8] @ unit[3], torch.full((2,), 1.5), atol=1e-4, rtol=0)  # set
+
+
+def test_conditions_gate_their_slots_per_row_and_count_the_rows_steered(tmp_path):
+    """Two conditions at a site write their columns of the step's results; a slot gated by one, a slot gated by
+    both (AND) and an ungated slot; all three own every row. Traced once with fake tensors, like the rest."""
+    sae = folded(tmp_path, "jumprelu")
+    x = 3 * torch.randn(20, D, generator=torch.Generator().manual_seed(2))
+    act = sae.encode(x)
+    fires = (act > 0).sum(dim=0)  # the most often active latents, so that the bounds split the rows
+    a, b = int(fires[:256].argmax()), int(fires[256:].argmax()) + 256
+    middle = act[:, a].sort().values[9:11]
+    bound_a, bound_b = float(middle.mean()), float(act[:, b].max()) / 2  # no row sits at a bound
+    always, scratch = 4, 5
+    ok = torch.zeros(T_MAX, 6, dtype=torch.bool)
+    ok[:, always] = True
+    conditions = ConditionTable.allocate(D, 3, torch.device("cpu"), scratch)
+    conditions.fill(0, sae, a, False, bound_a, 0)  # column 0: act_a > bound_a
+    conditions.fill(1, sae, b, True, bound_b, 2)  # column 2: act_b < bound_b
+    table = SlotTable.allocate(D, 4, torch.device("cpu"), always, per_slot=2)
+    features = torch.tensor([7, 8, 9])
+    table.fill(0, sae, features, [int(SteerOp.ADD)] * 3, [1.0, 2.0, 3.0], [0, 0, 0], [True] * 3, [True] * 3)
+    table.gate(0, [[0], [0, 2], []], always)
+    owners, generated = torch.zeros(T_MAX, dtype=torch.long), torch.zeros(T_MAX, dtype=torch.bool)
+
+    def step(x, ok, owners, generated, *buffers):
+        ct = ConditionTable(*buffers[:6])
+        st = SlotTable(*buffers[6:])
+        ok[: x.shape[0]].index_copy_(1, ct.column, condition_results(x, ct))
+        return slot_delta(x, st, owners, generated, condition_ok=ok)
+
+    buffers = [*vars(conditions).values(), *vars(table).values()]
+    graph = make_fx(step, tracing_mode="fake")(x, ok.clone(), owners, generated, *[b.clone() for b in buffers])
+    delta = graph(x, ok, owners, generated, *buffers)
+    hold_a, hold_b = act[:, a] > bound_a, act[:, b] < bound_b
+    assert 0 < int(hold_a.sum()) < 20 and 0 < int((hold_a & hold_b).sum()) < int(hold_a.sum())
+    gate = torch.stack([hold_a, hold_a & hold_b, torch.ones(20, dtype=torch.bool)], dim=1).float()  # [T, 3]
+    expected = (gate * torch.tensor([1.0, 2.0, 3.0])) @ sae.decoder_rows(features)
+    torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4)
+    assert table.hits[:3].tolist() == gate.sum(dim=0).tolist()

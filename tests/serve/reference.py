@@ -55,8 +55,29 @@ def direction_delta(x: torch.Tensor, u: torch.Tensor, e: SteeringEntry) -> torch
 @contextmanager
 def steered(model, saes: dict[str, SparseAutoencoder], entries: list[SteeringEntry], prompt_len: int, record=None):
     """Hook `model` so a forward over one sequence [1, T] is steered; `record[sae_id]` gets the steered activation.
-    Vector entries, and residual-space ops on a feature's decoder row, edit x at their hook point."""
+    Vector entries, and residual-space ops on a feature's decoder row, edit x at their hook point. An entry's
+    `when` conditions are read at their SAE's hook point before any steering there (hooks registered first), and
+    gate the entry per token."""
     handles = []
+    gates: dict[tuple[int, int], torch.Tensor] = {}  # (entry, condition) -> [1, T, 1] holds
+    for n, e in enumerate(entries):
+        for j, c in enumerate(e.when):
+            cond_sae = saes[c.sae]
+            module, get = hf_module_and_output(model, HookPoint.parse(cond_sae.cfg.hook_point))
+
+            def condition_hook(_mod, _inp, output, key=(n, j), c=c, sae=cond_sae, get=get):
+                act = sae.encode(get(output))[..., c.feature : c.feature + 1]
+                gates[key] = (act > c.above) if c.above is not None else (act < c.below)
+
+            handles.append(module.register_forward_hook(condition_hook))
+
+    def gate(e: SteeringEntry) -> torch.Tensor | float:
+        n = next(i for i, other in enumerate(entries) if other is e)
+        out: torch.Tensor | float = 1.0
+        for j in range(len(e.when)):
+            out = out * gates[(n, j)].float()
+        return out
+
     for hook_point in sorted({e.hook_point for e in entries if e.vector is not None}):
         mine_v = [e for e in entries if e.hook_point == hook_point]
         module, get = hf_module_and_output(model, HookPoint.parse(hook_point))
@@ -64,7 +85,7 @@ def steered(model, saes: dict[str, SparseAutoencoder], entries: list[SteeringEnt
         def vector_hook(_mod, _inp, output, mine_v=mine_v, get=get):
             x = get(output)
             delta = sum(
-                direction_delta(x, torch.tensor(e.vector), e) * _position_mask(e, x.shape[1], prompt_len)
+                direction_delta(x, torch.tensor(e.vector), e) * _position_mask(e, x.shape[1], prompt_len) * gate(e)
                 for e in mine_v
             )
             y = x + delta
@@ -85,7 +106,7 @@ def steered(model, saes: dict[str, SparseAutoencoder], entries: list[SteeringEnt
                     edit = direction_delta(x, sae.W_dec[e.feature].detach(), e)
                 else:
                     edit = _edited_code(sae, x, [e])
-                delta += edit * _position_mask(e, x.shape[1], prompt_len)
+                delta += edit * _position_mask(e, x.shape[1], prompt_len) * gate(e)
             y = x + delta
             if record is not None:
                 record[sid] = y.detach()

@@ -436,3 +436,66 @@ async def test_bad_vector_entries_fail_before_the_engine_naming_the_field(engine
     ):
         with pytest.raises(ValueError, match=message):
             SteeringEntry(**fields)
+
+
+@pytest.mark.parametrize("bound", ["above", "below"])
+@pytest.mark.parametrize("cond_sae", ["r15", "j5m", "t10"])  # the entry's own site; an earlier layer; a TopK SAE
+async def test_conditional_steering_matches_transformers(engine, saes, hf_model, bound, cond_sae):
+    f15, _ = await top_feature(engine, "r15")
+    feature, act = await top_feature(engine, cond_sae)
+    res = await engine.activations(PROMPT, CaptureSpec(saes=[cond_sae], top_k=0, features={cond_sae: [feature]}))
+    values = [row[0] for row in res.per_sae[cond_sae]["feature_values"]]
+    threshold = act / 2
+    holds = sum((v > threshold) if bound == "above" else (v < threshold) for v in values)
+    assert 0 < holds < len(values), "the condition holds everywhere or nowhere: the check would be vacuous"
+    entry = SteeringEntry(
+        sae="r15", feature=f15, value=40.0, when={"sae": cond_sae, "feature": feature, bound: threshold}
+    )
+    sampling = Sampling(max_tokens=6, temperature=0.0)
+    tokens, _, report = await report_of(engine, PROMPT, [entry], sampling)
+    ids = res.token_ids
+    with reference.steered(hf_model, {"r15": saes["r15"], cond_sae: saes[cond_sae]}, [entry], len(ids)):
+        assert tokens == reference.greedy(hf_model, ids, 6)
+    _, _, full_report = await report_of(engine, PROMPT, [entry.model_copy(update={"when": []})], sampling)
+    assert report[0].status == "applied"
+    assert 0 < report[0].steered_tokens < full_report[0].steered_tokens  # counted where the gate held
+
+
+async def test_a_condition_that_never_holds_steers_nothing_and_says_so(engine):
+    f15, _ = await top_feature(engine, "r15")
+    sampling = Sampling(max_tokens=6, temperature=0.0)
+    plain, _, _ = await report_of(engine, PROMPT, [], sampling)
+    never = SteeringEntry(sae="r15", feature=f15, value=80.0, when={"sae": "j5m", "feature": 3, "above": 1e6})
+    tokens, _, report = await report_of(engine, PROMPT, [never], sampling)
+    assert tokens == plain
+    assert (report[0].steered_tokens, report[0].status) == (0, "condition_not_met")
+
+
+async def test_conditional_and_plain_requests_in_one_batch_match_runs_alone(engine):
+    f15, _ = await top_feature(engine, "r15")
+    f5, act5 = await top_feature(engine, "j5m")
+    prompts = ["Write a haiku about the sea.", "List three prime numbers:", "The quick brown fox"]
+    specs = [
+        [SteeringEntry(sae="r15", feature=f15, value=60.0, when={"sae": "j5m", "feature": f5, "above": act5 / 2})],
+        [SteeringEntry(sae="r15", feature=f15, value=60.0)],
+        [],
+    ]
+    samplings = [Sampling(max_tokens=5 + 3 * i, temperature=0.0) for i in range(len(prompts))]
+    alone = [await run(engine, p, s, sp) for p, s, sp in zip(prompts, specs, samplings)]
+    together = await asyncio.gather(*[run(engine, p, s, sp) for p, s, sp in zip(prompts, specs, samplings)])
+    assert [t[0] for t in together] == [a[0] for a in alone]
+
+
+async def test_bad_conditions_fail_before_the_engine_naming_the_field(engine):
+    cases = [
+        ({"sae": "nope", "feature": 1, "above": 0.0}, "steering[0].when[0].sae"),
+        ({"sae": "j5m", "feature": 10**6, "above": 0.0}, "steering[0].when[0].feature"),
+        ({"sae": "r20a", "feature": 1, "above": 0.0}, "steering[0].when[0].sae"),  # layer 20 is after layer 15
+    ]
+    for when, param in cases:
+        with pytest.raises(SpecError) as err:
+            await anext(engine.generate(PROMPT, GREEDY, [SteeringEntry(sae="r15", feature=1, value=1.0, when=when)]))
+        assert err.value.param == param, when
+    for when, message in (({"sae": "j5m", "feature": 1}, "exactly one of above and below"),):
+        with pytest.raises(ValueError, match=message):
+            SteeringEntry(sae="r15", feature=1, value=1.0, when=when)

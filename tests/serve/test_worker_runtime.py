@@ -149,3 +149,26 @@ def test_a_vector_entry_ablates_its_direction_on_its_own_rows(tmp_path, static):
     torch.testing.assert_close(after[:3], x[:3] - (x[:3] @ unit).unsqueeze(1) * unit, atol=1e-5, rtol=1e-5)
     assert torch.equal(after[3:], x[3:])
     assert rt.reports.pop("key-v")["rows"] == {0: 3}
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_gated_entry_steers_only_where_its_condition_holds_and_reports_those_rows(tmp_path, static):
+    rt = runtime(tmp_path, static)
+    sae = rt.saes["s"].folded
+    hidden, residual = torch.randn(6, D, generator=torch.Generator().manual_seed(5)), torch.zeros(6, D)
+    x = hidden.clone()
+    act = sae.encode(x)
+    feature = int((act > 0).sum(dim=0).argmax())
+    middle = act[:, feature].sort().values[2:4]
+    bound = float(middle.mean())  # halfway between two rows' values: no row sits at the bound
+    holds = act[:, feature] > bound
+    assert 0 < int(holds.sum()) < 6
+    entry = SteeringEntry(sae="s", feature=9, value=3.0, when={"sae": "s", "feature": feature, "above": bound})
+    positions = attach(rt, [("g", 6, 0, 6, codec.encode([entry], None, "key-g"))])
+    rt.begin_step(positions)
+    for site in range(LAYERS * len(SITES)):
+        rt.apply(site, hidden, residual, site % len(SITES) == SITES.index("resid_post"))
+    want = x + holds.float().unsqueeze(1) * 3.0 * sae.decoder_rows(torch.tensor([9]))
+    torch.testing.assert_close(hidden, want, atol=1e-5, rtol=1e-5)
+    rt.collect_hits()
+    assert rt.reports.pop("key-g")["rows"] == {0: int(holds.sum())}

@@ -69,6 +69,7 @@ class SAEWorkerExtension:
         """What a finished (or aborted) request left here: its captured rows and its steering report."""
         runtime = self._sae_runtime()
         runtime.flush()  # the request's last step may still be in the tap buffer
+        runtime.collect_hits()  # the rows its gated entries steered
         return {
             "captures": runtime.captures.pop(key),
             "capture_error": runtime.captures.pop_failure(key),

@@ -22,14 +22,16 @@ from sae.hookpoints import SITES, HookPoint
 from sae.steering import (
     LATENT_OPS,
     RESIDUAL_OPS,
+    ConditionTable,
     FoldedSAE,
     SlotTable,
     SteeringTable,
     SteerOp,
+    condition_results,
     slot_delta,
     steering_delta,
 )
-from serve.engine.codec import EncodedEntry, PositionMode, WorkerOptions, decode
+from serve.engine.codec import EncodedCondition, EncodedEntry, PositionMode, WorkerOptions, decode
 
 CAPTURE_TTL_S = 600.0
 NO_OWNER = -1  # row_owner of a token row outside any steering request
@@ -136,6 +138,9 @@ class _LiveSite:
 
     slots: int = 0  # slots in use in the site's table
     reads: bool = True  # some used slot reads its activation (not an add)
+    gated: bool = False  # some used slot has conditions
+    conditions: int = 0  # condition slots in use in the site's condition table
+    topk_conditions: list[tuple[FoldedSAE, EncodedCondition, int]] = field(default_factory=list)  # full encode
     topk: list[_SteerGroup] = field(default_factory=list)
     tap: int | None = None
 
@@ -265,18 +270,37 @@ class SteeringRuntime:
         self.site_tap = torch.full((n_sites,), options.capture_sites, dtype=torch.long, device=device)  # [sites]
         self._tapped: list[int] = []  # sites whose site_tap entry is not the scratch row
         self._pending: list[_CaptureItem] = []  # captured in the last step, encoded before the next
+        # Condition results of the step: a column per distinct condition, then one always true, then a scratch one.
+        self.always = options.condition_slots
+        self.scratch = options.condition_slots + 1
+        self.condition_ok = torch.zeros(max_tokens, options.condition_slots + 2, dtype=torch.bool, device=device)
+        self.condition_ok[:, self.always] = True
         self.tables: dict[int, SlotTable] = {}
+        self.condition_tables: dict[int, ConditionTable] = {}
         if static:  # every site's buffers exist before vLLM captures its graphs
-            self.tables = {s: SlotTable.allocate(d_model, options.steering_slots, device) for s in range(n_sites)}
+            self.tables = {s: self._new_table() for s in range(n_sites)}
+            self.condition_tables = {s: self._new_condition_table() for s in range(n_sites)}
         self._slotted: frozenset[str] = frozenset()  # steering requests the slot tables were filled for
         self._slot_use: dict[int, int] = {}  # site -> slots in use
         self._slot_reads: dict[int, bool] = {}  # site -> some slot in use reads its activation
+        self._slot_gated: dict[int, bool] = {}  # site -> some slot in use has conditions
+        self._gated_entries: dict[int, list[tuple[int, str, int]]] = {}  # site -> (slot, key, index) of gated ones
+        self._condition_use: dict[int, int] = {}  # site -> condition slots in use
+        self._topk_conditions: dict[int, list[tuple[FoldedSAE, EncodedCondition, int]]] = {}
         self._topk_rows: dict[tuple[int, str | None], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
         self._live: dict[int, _LiveSite] = {}
         self._decode_only = False  # this step has no prompt rows (read by the fault switch only)
         self._skip_decode = os.environ.get(FAULT_SKIP_DECODE_ENV) == "1"
         if self._skip_decode:
             logger.warning("%s=1: decode steps are left unsteered (fault injection for tests)", FAULT_SKIP_DECODE_ENV)
+
+    def _new_table(self) -> SlotTable:
+        return SlotTable.allocate(
+            self.d_model, self.options.steering_slots, self.device, self.always, self.options.conditions_per_entry
+        )
+
+    def _new_condition_table(self) -> ConditionTable:
+        return ConditionTable.allocate(self.d_model, self.options.condition_slots, self.device, self.scratch)
 
     # --- SAE registry -------------------------------------------------------------------------------
     def load(self, sae_id: str, path: str) -> dict:
@@ -347,7 +371,14 @@ class SteeringRuntime:
         pos = positions[:n].to("cpu", torch.long).numpy()  # row bookkeeping stays on the host
         owner = np.full(max(n, self._rows_set), NO_OWNER, dtype=np.int64)
         generated = np.zeros(n, dtype=bool)
-        live = {site: _LiveSite(used, self._slot_reads[site]) for site, used in self._slot_use.items()}
+        live = {
+            site: _LiveSite(used, self._slot_reads[site], self._slot_gated[site])
+            for site, used in self._slot_use.items()
+        }
+        for site, used in self._condition_use.items():
+            live.setdefault(site, _LiveSite()).conditions = used
+        for site, conditions in self._topk_conditions.items():
+            live.setdefault(site, _LiveSite()).topk_conditions = conditions
         decode_only = True
         for i, plan in active:
             start, end = int(qsl[i]), int(qsl[i + 1])
@@ -374,7 +405,11 @@ class SteeringRuntime:
         self._rows_set = n
         self._point_taps(live)
         self._decode_only = decode_only
-        self._live = {site: s for site, s in live.items() if s.slots or s.topk or s.tap is not None}
+        self._live = {
+            site: s
+            for site, s in live.items()
+            if s.slots or s.topk or s.tap is not None or s.conditions or s.topk_conditions
+        }
 
     def _reset_rows(self) -> None:
         self.row_owner[: self._rows_set].fill_(NO_OWNER)
@@ -415,31 +450,97 @@ class SteeringRuntime:
             plan.owner = owner
             for site, entries in plan.slotted.items():
                 per_site.setdefault(site, []).extend((plan, e) for e in entries)
+        self.collect_hits()
         capacity = self.options.steering_slots
         use: dict[int, int] = {}
         reads: dict[int, bool] = {}
+        gates: dict[int, bool] = {}
+        gated: dict[int, list[tuple[int, str, int]]] = {}
+        columns: dict[EncodedCondition, int] = {}  # each distinct condition's column in condition_ok
         for site, site_entries in per_site.items():
             table = self.tables.get(site)
             if table is None:
-                table = self.tables[site] = SlotTable.allocate(self.d_model, capacity, self.device)
+                table = self.tables[site] = self._new_table()
             for plan, e in site_entries[capacity:]:
                 self.reports.leave_out(plan.key, e.index)
                 plan.left_out.add(e.index)
-            kept = site_entries[:capacity]
-            start = self._fill_latent_slots(table, [(p, e) for p, e in kept if e.op not in RESIDUAL_OPS and e.sae])
-            start = self._fill_direction_slots(
-                table, start, [(p, e) for p, e in kept if e.op in RESIDUAL_OPS or not e.sae]
-            )
+            gated_ones = [(p, e) for p, e in site_entries[:capacity] if e.when]
+            kept = self._assign_conditions(gated_ones, columns) + [
+                (p, e) for p, e in site_entries[:capacity] if not e.when
+            ]
+            by_sae: dict[str | None, list[tuple[RequestPlan, EncodedEntry]]] = {}
+            for p, e in kept:
+                if e.op not in RESIDUAL_OPS and e.sae:
+                    by_sae.setdefault(e.sae, []).append((p, e))
+            latent = [pe for group in by_sae.values() for pe in group]  # the order _fill_latent_slots fills in
+            direction = [(p, e) for p, e in kept if e.op in RESIDUAL_OPS or not e.sae]
+            start = self._fill_latent_slots(table, latent)
+            start = self._fill_direction_slots(table, start, direction)
+            order = latent + direction  # as filled: slot u holds order[u]
+            table.gate(0, [[columns[c] for c in e.when] for _, e in order], self.always)
+            table.hits.zero_()
+            gated[site] = [(u, p.key, e.index) for u, (p, e) in enumerate(order) if e.when]
             for plan, e in kept:
                 plan.left_out.discard(e.index)
             table.clear(start)
             use[site] = start
             reads[site] = any(e.op != SteerOp.ADD for _, e in kept)
+            gates[site] = bool(gated[site])
         for site in set(self._slot_use) - set(use):
             self.tables[site].clear(0)
         self._slot_use = use
         self._slot_reads = reads
+        self._slot_gated = gates
+        self._gated_entries = gated
+        self._fill_conditions(columns)
         self._slotted = frozenset(p.key for p in plans)
+
+    def _assign_conditions(
+        self, entries: list[tuple[RequestPlan, EncodedEntry]], columns: dict[EncodedCondition, int]
+    ) -> list[tuple[RequestPlan, EncodedEntry]]:
+        """Give every condition of these gated entries a column of condition_ok (shared by equal conditions); an
+        entry whose conditions do not all get one waits for a later refill, reported over_capacity."""
+        kept = []
+        for plan, e in entries:
+            new = [c for c in dict.fromkeys(e.when) if c not in columns]
+            if len(columns) + len(new) > self.options.condition_slots:
+                self.reports.leave_out(plan.key, e.index)
+                plan.left_out.add(e.index)
+                continue
+            for c in new:
+                columns[c] = len(columns)
+            kept.append((plan, e))
+        return kept
+
+    def _fill_conditions(self, columns: dict[EncodedCondition, int]) -> None:
+        """Each condition in the condition table of its SAE's site (TopK SAEs: the full-encode list instead)."""
+        use: dict[int, int] = {}
+        topk: dict[int, list[tuple[FoldedSAE, EncodedCondition, int]]] = {}
+        for c, column in columns.items():
+            sae = self.saes[c.sae]
+            if sae.folded.needs_full_encode:
+                topk.setdefault(sae.site, []).append((sae.folded, c, column))
+                continue
+            table = self.condition_tables.get(sae.site)
+            if table is None:
+                table = self.condition_tables[sae.site] = self._new_condition_table()
+            slot = use.get(sae.site, 0)
+            table.fill(slot, sae.folded, c.feature, c.below, c.bound, column)
+            use[sae.site] = slot + 1
+        for site, table in self.condition_tables.items():
+            table.clear(use.get(site, 0), self.scratch)
+        self._condition_use = use
+        self._topk_conditions = topk
+
+    def collect_hits(self) -> None:
+        """Add the rows each gated slot steered to its entry's report count (a device read: at a refill of the
+        tables and when a request finishes, never per step)."""
+        for site, entries in self._gated_entries.items():
+            table = self.tables[site]
+            hits = table.hits.tolist()
+            for u, key, index in entries:
+                self.reports.add(key, index, int(hits[u]))
+            table.hits.zero_()
 
     def _fill_latent_slots(self, table: SlotTable, entries: list[tuple[RequestPlan, EncodedEntry]]) -> int:
         """Slots from 0 on for entries that read an SAE latent (and add along its decoder row), one SAE's slots
@@ -495,7 +596,7 @@ class SteeringRuntime:
         by_mode = {PositionMode.ALL: rows, PositionMode.PROMPT: rows - generated, PositionMode.GENERATED: generated}
         for entries in plan.steer.values():
             for e in entries:
-                if e.index not in plan.left_out:
+                if e.index not in plan.left_out and not e.when:  # gated entries count what the graph steered
                     self.reports.add(plan.key, e.index, by_mode[e.positions])
 
     def _topk_group(self, sae: WorkerSAE, entries: list, pos: np.ndarray, n: int) -> _SteerGroup:
@@ -593,19 +694,32 @@ class SteeringRuntime:
         tap row. Static mode: the same fixed-shape work at every site, whatever the step holds."""
         if self.static:
             x = ((hidden + residual) if adds_residual else hidden).float()  # [T, d]
-            delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated)
-            hidden.add_(delta.to(hidden.dtype))
             n = x.shape[0]
+            conditions = self.condition_tables[site]
+            self.condition_ok[:n].index_copy_(1, conditions.column, condition_results(x, conditions))
+            delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated, condition_ok=self.condition_ok)
+            hidden.add_(delta.to(hidden.dtype))
             self.taps[:, :n].index_copy_(0, self.site_tap[site : site + 1], (x + delta).unsqueeze(0))
             return
         live = self._live.get(site)
         if live is None:
             return
         x = ((hidden + residual) if adds_residual else hidden).float()
+        n = x.shape[0]
+        if live.conditions:  # read before this site's steering
+            conditions = self.condition_tables[site]
+            ok = condition_results(x, conditions, live.conditions)
+            self.condition_ok[:n].index_copy_(1, conditions.column[: live.conditions], ok)
+        for folded, c, column in live.topk_conditions:
+            act = folded.encode(x)[:, c.feature]
+            self.condition_ok[:n, column] = act < c.bound if c.below else act > c.bound
         delta = torch.zeros_like(x)
         if not (self._skip_decode and self._decode_only):
             if live.slots:
-                delta = slot_delta(x, self.tables[site], self.row_owner, self.row_generated, live.slots, live.reads)
+                gate = self.condition_ok if live.gated else None
+                delta = slot_delta(
+                    x, self.tables[site], self.row_owner, self.row_generated, live.slots, live.reads, gate
+                )
             for group in live.topk:
                 delta += steering_delta(group.sae.folded, group.table, x)
             hidden.add_(delta.to(hidden.dtype))
