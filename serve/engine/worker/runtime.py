@@ -532,6 +532,7 @@ class SteeringRuntime:
         self._condition_use = use
         self._topk_conditions = topk
 
+    @torch.inference_mode()  # tables made during a step are inference tensors; sae_finish runs outside one
     def collect_hits(self) -> None:
         """Add the rows each gated slot steered to its entry's report count (a device read: at a refill of the
         tables and when a request finishes, never per step)."""
