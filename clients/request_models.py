@@ -22,6 +22,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class SteeringCondition(_Body):
+    """A gate on a steering entry: it applies at a token only where this feature's activation is above `above` (or
+    below `below`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sae: str = Field(min_length=1, description="Id of a loaded SAE at or before the entry's hook point.")
+    feature: int = Field(ge=0, description="Feature (latent) index in that SAE.")
+    above: float | None = Field(default=None, description="The entry applies where the activation is > this.")
+    below: float | None = Field(default=None, description="The entry applies where the activation is < this.")
+
+
 class SteeringEntry(_Body):
     """One intervention of one request, on an SAE feature (`sae` + `feature`) or on a raw direction (`vector` +
     `hook_point`; ops add, ablate, cap, set)."""
@@ -47,6 +59,11 @@ class SteeringEntry(_Body):
     )
     op: SteeringOp = Field(default="add", description="add | clamp | mul | h_bias | ablate | cap | set.")
     positions: Positions = Field(default="all", description="Which tokens are steered: all, prompt or generated.")
+    when: list[SteeringCondition] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Conditions (combined with AND): the entry applies only at tokens where all hold.",
+    )
 
     @classmethod
     def parse(cls, text: str) -> SteeringEntry:

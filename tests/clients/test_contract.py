@@ -189,7 +189,7 @@ def test_the_shape_check_catches_a_renamed_field(openapi):
     components = openapi["components"]["schemas"]
     renamed = dict(components["SteeringEntry"])
     renamed["properties"] = {("index" if k == "feature" else k): v for k, v in renamed["properties"].items()}
-    renamed["required"] = ["index" if k == "feature" else k for k in renamed["required"]]
+    renamed["required"] = ["index" if k == "feature" else k for k in renamed.get("required", [])]
     schemas = Schemas({**components, "SteeringEntry": renamed})
     server = fields(schemas, _json_schema(_operation(openapi, ROUTES["chat"])["requestBody"]))
     sdk = fields(*_sdk(ROUTES["chat"].request))
