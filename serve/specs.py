@@ -132,6 +132,19 @@ class SAEMeta:
     resident: bool = True  # on the device now (False: paged out to host memory under the SAE budget)
 
 
+def known_feature(saes: dict[str, SAEMeta], sae_id: str, feature: int, field: str) -> SAEMeta:
+    """The SAE's metadata, if it is loaded and has the feature; else a SpecError naming `field`.sae or .feature."""
+    meta = saes.get(sae_id)
+    if meta is None:
+        known = ", ".join(sorted(saes)) or "none loaded"
+        raise SpecError(f"{field}.sae: unknown SAE {sae_id!r} (loaded: {known})", f"{field}.sae")
+    if feature >= meta.d_sae:
+        raise SpecError(
+            f"{field}.feature: {feature} out of range for SAE {sae_id!r} with {meta.d_sae} features", f"{field}.feature"
+        )
+    return meta
+
+
 def validate_steering(
     entries: list[SteeringEntry],
     saes: dict[str, SAEMeta],
@@ -149,15 +162,7 @@ def validate_steering(
         if e.vector is not None:
             continue
         assert e.sae is not None and e.feature is not None  # the entry's own validator
-        meta = saes.get(e.sae)
-        if meta is None:
-            known = ", ".join(sorted(saes)) or "none loaded"
-            raise SpecError(f"steering[{i}].sae: unknown SAE {e.sae!r} (loaded: {known})", f"steering[{i}].sae")
-        if e.feature >= meta.d_sae:
-            raise SpecError(
-                f"steering[{i}].feature: {e.feature} out of range for SAE {e.sae!r} with {meta.d_sae} features",
-                f"steering[{i}].feature",
-            )
+        meta = known_feature(saes, e.sae, e.feature, f"steering[{i}]")
         if static and e.op in LATENT_OPS and meta.architecture == "topk":
             raise SpecError(
                 f"steering[{i}].op: {e.op} on a TopK SAE needs a full encode of every row (its k-th largest "

@@ -31,6 +31,7 @@ from serve.specs import (
     SAEMeta,
     SteeringEntry,
     SteeringReport,
+    known_feature,
     steering_cache_salt,
     validate_capture,
     validate_steering,
@@ -534,15 +535,7 @@ def _check_conditions(i: int, e: SteeringEntry, saes: dict[str, SAEMeta], static
     target = e.hook_point if e.vector is not None else saes[e.sae or ""].hook_point
     for j, c in enumerate(e.when):
         field = f"steering[{i}].when[{j}]"
-        meta = saes.get(c.sae)
-        if meta is None:
-            known = ", ".join(sorted(saes)) or "none loaded"
-            raise SpecError(f"{field}.sae: unknown SAE {c.sae!r} (loaded: {known})", f"{field}.sae")
-        if c.feature >= meta.d_sae:
-            raise SpecError(
-                f"{field}.feature: {c.feature} out of range for SAE {c.sae!r} with {meta.d_sae} features",
-                f"{field}.feature",
-            )
+        meta = known_feature(saes, c.sae, c.feature, field)
         if order(meta.hook_point) > order(target or ""):
             raise SpecError(
                 f"{field}.sae: {c.sae!r} reads {meta.hook_point}, after the entry's {target}: a condition must be "
