@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import machine
 from benchmarks.exits import exit_on_sigterm
 from serve.engine.config import EngineConfig
 from serve.engine.engine import SAEEngine, Sampling
@@ -115,4 +116,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per condition")
     parser.add_argument("--prefill-repeats", type=int, default=20, help="timed prefills per side")
     parser.add_argument("--sae", help="SAE folder to steer with (default: a random 8x TopK at blocks.15.resid_post)")
-    print(json.dumps(asyncio.run(main(parser.parse_args()))))
+    result = asyncio.run(main(parser.parse_args()))
+    print(f"machine: {machine.describe()}")  # which vector extensions the figures above were measured with
+    print(json.dumps(result))

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import machine
 from benchmarks.exits import exit_on_sigterm
 from serve.engine.config import EngineConfig
 from serve.engine.engine import SAEEngine, Sampling
@@ -141,4 +142,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per condition")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
-    print(json.dumps(asyncio.run(main(parser.parse_args()))))
+    result = asyncio.run(main(parser.parse_args()))
+    print(f"machine: {machine.describe()}")  # which vector extensions the figures above were measured with
+    print(json.dumps(result))

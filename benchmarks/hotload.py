@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from benchmarks import machine
     from benchmarks.exits import exit_on_sigterm
 
     exit_on_sigterm()
@@ -135,4 +136,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5, help="publishes to time")
     parser.add_argument("--clients", type=int, default=16, help="clients streaming throughout")
     parser.add_argument("--compiled", action="store_true", help="compiled engine (slower start) instead of eager")
-    print(json.dumps(main(parser.parse_args())))
+    result = main(parser.parse_args())
+    print(f"machine: {machine.describe()}")  # which vector extensions the figures above were measured with
+    print(json.dumps(result))

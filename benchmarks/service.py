@@ -200,6 +200,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from benchmarks import machine
     from benchmarks.exits import exit_on_sigterm
 
     exit_on_sigterm()
@@ -213,4 +214,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the workload per side (median)")
     parser.add_argument("--naive-requests", type=int, default=4, help="requests timed on the naive server")
     parser.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive server")
-    print(json.dumps(main(parser.parse_args())))
+    result = main(parser.parse_args())
+    print(f"machine: {machine.describe()}")  # which vector extensions the figures above were measured with
+    print(json.dumps(result))
