@@ -162,12 +162,12 @@ class SAEEngine:
             pipeline_parallel_size=config.pipeline_parallel_size,
             distributed_executor_backend=config.distributed_executor_backend,
             additional_config=codec.WorkerOptions(
-                config.static_steering,
-                config.steering_slots,
-                config.capture_sites,
-                config.sae_dtype,
-                config.condition_slots,
-                MAX_CONDITIONS,
+                static_steering=config.static_steering,
+                steering_slots=config.steering_slots,
+                capture_sites=config.capture_sites,
+                sae_dtype=config.sae_dtype,
+                condition_slots=config.condition_slots,
+                conditions_per_entry=MAX_CONDITIONS,
             ).to_additional_config(),
             **optional,
         )
@@ -517,7 +517,7 @@ def _report(steering: list[SteeringEntry], worker: dict, decoded: bool) -> list[
         else:
             status = "no_tokens"
         if status in ("not_applied", "sae_not_loaded", "over_capacity"):
-            logger.error("steering[%d] (%s) steered no token: %s", i, e.label(), status)
+            logger.error("steering[%d] (%s): %s, %d token(s) steered", i, e.label(), status, steered)
         out.append(SteeringReport(index=i, sae=e.sae, feature=e.feature, steered_tokens=steered, status=status))
     return out
 

@@ -134,11 +134,12 @@ class _CaptureItem:
 
 @dataclass
 class _LiveSite:
-    """What one hook site does in this step, for the per-step path (the static path computes every site)."""
+    """What one hook site does in this step, for the per-step path (the static path computes every site). The
+    fields down to `topk_conditions` describe the filled tables and are kept between refills; the rest is per step."""
 
     slots: int = 0  # slots in use in the site's table
     reads: bool = True  # some used slot reads its activation (not an add)
-    gated: bool = False  # some used slot has conditions
+    gated: list[tuple[int, str, int]] = field(default_factory=list)  # (slot, request key, entry index) with conditions
     conditions: int = 0  # condition slots in use in the site's condition table
     topk_conditions: list[tuple[FoldedSAE, EncodedCondition, int]] = field(default_factory=list)  # full encode
     topk: list[_SteerGroup] = field(default_factory=list)
@@ -280,14 +281,8 @@ class SteeringRuntime:
         if static:  # every site's buffers exist before vLLM captures its graphs
             self.tables = {s: self._new_table() for s in range(n_sites)}
             self.condition_tables = {s: self._new_condition_table() for s in range(n_sites)}
-        self._slotted: frozenset[str] = frozenset()  # steering requests the slot tables were filled for
-        self._slot_use: dict[int, int] = {}  # site -> slots in use
-        self._slot_reads: dict[int, bool] = {}  # site -> some slot in use reads its activation
-        self._slot_gated: dict[int, bool] = {}  # site -> some slot in use has conditions
-        self._gated_entries: dict[int, list[tuple[int, str, int]]] = {}  # site -> (slot, key, index) of gated ones
-        self._condition_use: dict[int, int] = {}  # site -> condition slots in use
-        self._topk_conditions: dict[int, list[tuple[FoldedSAE, EncodedCondition, int]]] = {}
-        self._topk_rows: dict[tuple[int, str | None], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
+        self._slotted: frozenset[str] | None = frozenset()  # steering requests the tables were filled for; None: stale
+        self._filled: dict[int, _LiveSite] = {}  # per site, what the filled tables hold (each step starts from it)
         self._live: dict[int, _LiveSite] = {}
         self._decode_only = False  # this step has no prompt rows (read by the fault switch only)
         self._skip_decode = os.environ.get(FAULT_SKIP_DECODE_ENV) == "1"
@@ -342,7 +337,7 @@ class SteeringRuntime:
     def _forget_plans(self) -> None:
         """Plans resolved SAE ids to sites and slots hold SAE weights: rebuild both against the new set."""
         self._plans.clear()
-        self._slotted = frozenset({"<stale>"})
+        self._slotted = None
 
     # --- between steps ------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor) -> None:
@@ -371,14 +366,8 @@ class SteeringRuntime:
         pos = positions[:n].to("cpu", torch.long).numpy()  # row bookkeeping stays on the host
         owner = np.full(max(n, self._rows_set), NO_OWNER, dtype=np.int64)
         generated = np.zeros(n, dtype=bool)
-        live = {
-            site: _LiveSite(used, self._slot_reads[site], self._slot_gated[site])
-            for site, used in self._slot_use.items()
-        }
-        for site, used in self._condition_use.items():
-            live.setdefault(site, _LiveSite()).conditions = used
-        for site, conditions in self._topk_conditions.items():
-            live.setdefault(site, _LiveSite()).topk_conditions = conditions
+        live = {site: dataclasses.replace(filled, topk=[]) for site, filled in self._filled.items()}
+        topk_rows: dict[tuple[int, str | None], list] = {}  # (site, SAE id) -> its TopK latent-op entries' rows
         decode_only = True
         for i, plan in active:
             start, end = int(qsl[i]), int(qsl[i + 1])
@@ -392,14 +381,13 @@ class SteeringRuntime:
                 for site, groups in plan.topk.items():
                     for e in groups:
                         live.setdefault(site, _LiveSite())
-                        self._topk_rows.setdefault((site, e.sae), []).append((start, end, plan, e))
+                        topk_rows.setdefault((site, e.sae), []).append((start, end, plan, e))
             if self._skip_decode:  # the fault switch only: not worth a per-step pass otherwise
                 decode_only = decode_only and bool(gen.all())
             if plan.capture_id is not None:
                 self._plan_capture(live, plan, start, end, pos)
-        for (site, sae_id), entries in self._topk_rows.items():
+        for (site, sae_id), entries in topk_rows.items():
             live[site].topk.append(self._topk_group(self.saes[sae_id or ""], entries, pos, n))
-        self._topk_rows.clear()
         self.row_owner[: owner.shape[0]].copy_(torch.from_numpy(owner), non_blocking=True)
         self.row_generated[:n].copy_(torch.from_numpy(generated), non_blocking=True)
         self._rows_set = n
@@ -452,10 +440,7 @@ class SteeringRuntime:
                 per_site.setdefault(site, []).extend((plan, e) for e in entries)
         self.collect_hits()
         capacity = self.options.steering_slots
-        use: dict[int, int] = {}
-        reads: dict[int, bool] = {}
-        gates: dict[int, bool] = {}
-        gated: dict[int, list[tuple[int, str, int]]] = {}
+        filled: dict[int, _LiveSite] = {}
         columns: dict[EncodedCondition, int] = {}  # each distinct condition's column in condition_ok
         for site, site_entries in per_site.items():
             table = self.tables.get(site)
@@ -479,20 +464,19 @@ class SteeringRuntime:
             order = latent + direction  # as filled: slot u holds order[u]
             table.gate(0, [[columns[c] for c in e.when] for _, e in order], self.always)
             table.hits.zero_()
-            gated[site] = [(u, p.key, e.index) for u, (p, e) in enumerate(order) if e.when]
             for plan, e in kept:
                 plan.left_out.discard(e.index)
             table.clear(start)
-            use[site] = start
-            reads[site] = any(e.op != SteerOp.ADD for _, e in kept)
-            gates[site] = bool(gated[site])
-        for site in set(self._slot_use) - set(use):
-            self.tables[site].clear(0)
-        self._slot_use = use
-        self._slot_reads = reads
-        self._slot_gated = gates
-        self._gated_entries = gated
-        self._fill_conditions(columns)
+            filled[site] = _LiveSite(
+                slots=start,
+                reads=any(e.op != SteerOp.ADD for _, e in kept),
+                gated=[(u, p.key, e.index) for u, (p, e) in enumerate(order) if e.when],
+            )
+        for site, old in self._filled.items():
+            if old.slots and site not in filled:
+                self.tables[site].clear(0)
+        self._fill_conditions(columns, filled)
+        self._filled = filled
         self._slotted = frozenset(p.key for p in plans)
 
     def _assign_conditions(
@@ -512,34 +496,33 @@ class SteeringRuntime:
             kept.append((plan, e))
         return kept
 
-    def _fill_conditions(self, columns: dict[EncodedCondition, int]) -> None:
-        """Each condition in the condition table of its SAE's site (TopK SAEs: the full-encode list instead)."""
-        use: dict[int, int] = {}
-        topk: dict[int, list[tuple[FoldedSAE, EncodedCondition, int]]] = {}
+    def _fill_conditions(self, columns: dict[EncodedCondition, int], filled: dict[int, _LiveSite]) -> None:
+        """Each condition in the condition table of its SAE's site (TopK SAEs: the full-encode list instead),
+        noted in that site's `filled`."""
         for c, column in columns.items():
             sae = self.saes[c.sae]
+            site = filled.setdefault(sae.site, _LiveSite())
             if sae.folded.needs_full_encode:
-                topk.setdefault(sae.site, []).append((sae.folded, c, column))
+                site.topk_conditions.append((sae.folded, c, column))
                 continue
             table = self.condition_tables.get(sae.site)
             if table is None:
                 table = self.condition_tables[sae.site] = self._new_condition_table()
-            slot = use.get(sae.site, 0)
-            table.fill(slot, sae.folded, c.feature, c.below, c.bound, column)
-            use[sae.site] = slot + 1
-        for site, table in self.condition_tables.items():
-            table.clear(use.get(site, 0), self.scratch)
-        self._condition_use = use
-        self._topk_conditions = topk
+            table.fill(site.conditions, sae.folded, c.feature, c.below, c.bound, column)
+            site.conditions += 1
+        for at, table in self.condition_tables.items():
+            table.clear(filled[at].conditions if at in filled else 0, self.scratch)
 
     @torch.inference_mode()  # tables made during a step are inference tensors; sae_finish runs outside one
     def collect_hits(self) -> None:
         """Add the rows each gated slot steered to its entry's report count (a device read: at a refill of the
         tables and when a request finishes, never per step)."""
-        for site, entries in self._gated_entries.items():
+        for site, filled in self._filled.items():
+            if not filled.gated:
+                continue
             table = self.tables[site]
             hits = table.hits.tolist()
-            for u, key, index in entries:
+            for u, key, index in filled.gated:
                 self.reports.add(key, index, int(hits[u]))
             table.hits.zero_()
 
