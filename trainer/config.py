@@ -47,9 +47,19 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Fraction of chunks held out from training for evaluation (at least one chunk)."""
     capture_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Model dtype for capture: bfloat16 ran 2.8x faster here, off by 4e-4 of the variance; evaluation uses float32."""
+    """Model dtype for capture where the hardware has bf16 units; CPUs without them compute in float32 (7x faster)."""
     capture_batch_size: int = 8
     """Contexts per model forward pass during capture."""
+    capture_workers: int = 0
+    """Ray Data capture actors (each holds the model) that fill the cache before training; 0 captures in the trainers."""
+    capture_cpus: float = 0.5
+    """Logical CPUs reserved per capture actor (fractional, so capture fits beside Serve on a 2-CPU node)."""
+    capture_gpus: float = 0.0
+    """GPUs reserved per capture actor; above 0 the actor runs the model on its GPU."""
+    hook_points: list[str] = field(default_factory=list)
+    """Further hook points captured in the same forward pass and cached beside the SAE's (one pass, several SAEs)."""
+    capture_fail_at_chunk: int | None = None
+    """Test hook: the capture actor that reaches this chunk exits once, before caching it, as a crashed worker would."""
     shuffle_buffer: int = 65536
     """Activations mixed in the shuffle buffer; batches are drawn once it is at least half full."""
     cache_dir: str | None = None
