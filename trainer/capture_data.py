@@ -81,8 +81,9 @@ def capture_dataset(cfg: TrainerConfig, chunks: Sequence[int], hook_points: Sequ
     )
 
 
-def fill_cache(cfg: TrainerConfig, chunks: Sequence[int]) -> dict[str, int]:
-    """Capture every chunk of `chunks` not yet cached at all hook points, through Ray Data; returns counts."""
+def fill_cache(cfg: TrainerConfig, chunks: Sequence[int] | None = None) -> dict[str, int]:
+    """Capture every chunk of `chunks` (default: the training chunks) not yet cached at all hook points, through
+    Ray Data; returns counts {chunks, captured, cached, rows}."""
     from .capture import ChunkSource, load_corpus, load_tokenizer
 
     if not cfg.data.cache_dir:
@@ -90,6 +91,7 @@ def fill_cache(cfg: TrainerConfig, chunks: Sequence[int]) -> dict[str, int]:
     points = hook_points_of(cfg)
     corpus = load_corpus(cfg, load_tokenizer(cfg.model_path))  # tokenised once here, read by every actor
     probe = ChunkSource(cfg, corpus, hook_points=points)
+    chunks = corpus.plan.train if chunks is None else chunks
     missing = [c for c in chunks if not all(_exists(probe.chunk_file(c, h)) for h in range(len(points)))]
     rows = 0
     if missing:

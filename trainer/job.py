@@ -134,7 +134,12 @@ def run_job(cfg: TrainerConfig) -> dict[str, Any]:
     cfg = resolve_paths(cfg)
     started = time.perf_counter()
     owns_ray = _init_ray(cfg)
+    capture = None
     try:
+        if cfg.data.capture_workers > 0:
+            from .capture_data import fill_cache
+
+            capture = {**fill_cache(cfg), "s": round(time.perf_counter() - started, 1)}
         checkpoint = fit(cfg)
     finally:
         if owns_ray:
@@ -153,6 +158,7 @@ def run_job(cfg: TrainerConfig) -> dict[str, Any]:
         "registry_entry": entry,
         "training": {k: card["training"][k] for k in ("steps", "tokens", "wall_time_s", "dead_frac", "resumed_from")},
         "evaluation": card["evaluation"],
+        "capture": capture,
         "fit_s": round(fit_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
