@@ -55,11 +55,6 @@ class CaptureActor:
         os._exit(1)  # a crash, not an exception: the actor process dies mid-batch
 
 
-def hook_points_of(cfg: TrainerConfig) -> list[str]:
-    """The SAE's hook point first, then data.hook_points (deduplicated, in order)."""
-    return list(dict.fromkeys([cfg.sae.hook_point, *cfg.data.hook_points]))
-
-
 def capture_dataset(cfg: TrainerConfig, chunks: Sequence[int], hook_points: Sequence[str] | None = None):
     """A lazy Ray Dataset of activation rows {"chunk": int64, "acts": [n_hooks, d_model] float32} over `chunks`.
 
@@ -68,14 +63,14 @@ def capture_dataset(cfg: TrainerConfig, chunks: Sequence[int], hook_points: Sequ
     """
     import ray.data
 
-    points = list(hook_points or hook_points_of(cfg))
+    points = list(hook_points or cfg.capture_hook_points)
     items = [{"chunk": int(c)} for c in chunks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.map_batches(
         CaptureActor,
         fn_constructor_kwargs={"config": cfg.to_dict(), "hook_points": points},
         batch_size=1,
-        concurrency=max(1, cfg.data.capture_workers),
+        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.data.capture_workers)),
         num_cpus=cfg.data.capture_cpus,
         num_gpus=cfg.data.capture_gpus or None,
     )
@@ -88,7 +83,7 @@ def fill_cache(cfg: TrainerConfig, chunks: Sequence[int] | None = None) -> dict[
 
     if not cfg.data.cache_dir:
         raise ValueError("data.capture_workers needs data.cache_dir: the shards are where capture hands over")
-    points = hook_points_of(cfg)
+    points = cfg.capture_hook_points
     corpus = load_corpus(cfg, load_tokenizer(cfg.model_path))  # tokenised once here, read by every actor
     probe = ChunkSource(cfg, corpus, hook_points=points)
     chunks = corpus.plan.train if chunks is None else chunks

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.capture import ChunkSource, load_corpus, load_tokenizer
-from trainer.capture_data import FAILURE_MARKER, capture_dataset, fill_cache, hook_points_of
+from trainer.capture_data import FAILURE_MARKER, capture_dataset, fill_cache
 
 HOOKS = ["blocks.1.resid_post", "blocks.4.resid_post"]
 
@@ -64,7 +64,7 @@ def shards(cfg) -> list[str]:
 
 def test_two_capture_actors_equal_the_single_process_capture(local_ray, capture_config):
     cfg = capture_config("cache")
-    assert hook_points_of(cfg) == HOOKS
+    assert cfg.capture_hook_points == HOOKS
     want = reference(cfg)
     rows: dict[int, list[torch.Tensor]] = {}
     for batch in capture_dataset(cfg, list(want)).iter_torch_batches(batch_size=None):

@@ -111,7 +111,12 @@ def test_capture_actors_filled_the_cache_before_training(job):
 def test_rerun_with_the_same_storage_continues_the_run(job, tiny_llama):
     tmp, _ = job
     summary = run_cli(
-        tmp, tiny_llama, f"optim.steps={STEPS + 10}", "run.num_workers=1", "eval.max_contexts=8", "data.capture_workers=1"
+        tmp,
+        tiny_llama,
+        f"optim.steps={STEPS + 10}",
+        "run.num_workers=1",
+        "eval.max_contexts=8",
+        "data.capture_workers=1",
     )
     assert summary["capture"]["captured"] == 0  # the second job on the same data and hook point reads the shards
     assert summary["training"]["resumed_from"] == [FAIL_AT // CHECKPOINT_EVERY * CHECKPOINT_EVERY, STEPS]
