@@ -240,7 +240,8 @@ class TrainerConfig:
     def sae_jobs(self) -> list[TrainerConfig]:
         """One config per SAE: this one, then one per `more_saes` entry; every one captures all their hook points
         (so the first pass fills the cache for all) and none has `more_saes` of its own."""
-        points = list(dict.fromkeys([*self.data.hook_points, *(v.hook_point for v in self.more_saes if v.hook_point)]))
+        variants = [v.hook_point for v in self.more_saes if v.hook_point]
+        points = list(dict.fromkeys([self.sae.hook_point, *self.data.hook_points, *variants]))
         data = dataclasses.replace(self.data, hook_points=points)
         jobs = [dataclasses.replace(self, data=data, more_saes=[])]
         for v in self.more_saes:
