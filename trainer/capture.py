@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,19 @@ def inlier_mask(norms: torch.Tensor, factor: float | None) -> torch.Tensor:
     return norms <= factor * norms.median()
 
 
+def compute_dtype(requested: str, device: str | torch.device = "cpu") -> str:
+    """The dtype capture math runs in: bfloat16 only where the hardware multiplies in it.
+
+    On CPUs without AVX-512 BF16 or AMX, a bfloat16 matmul ran 44x slower than float32 (1.0 vs 44 GFLOP/s, one
+    thread, AVX2) and SmolLM2's capture 7x slower (86 vs 598 activations/s), so such CPUs compute in float32;
+    the cache still stores `data.cache_dtype`.
+    """
+    if requested != "bfloat16" or torch.device(device).type != "cpu":
+        return requested
+    bf16_units = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return requested if bf16_units else "float32"
+
+
 class _StopForward(Exception):
     """Raised from the hook so layers past the hook point are never computed."""
 
@@ -54,28 +69,41 @@ def load_tokenizer(path: str | Path):
 
 
 class HookedCapture:
-    """Callable: input_ids [B, T] -> activations at the hook point [B, T, d_model], skipping later layers."""
+    """Callable: input_ids [B, T] -> activations at one or several hook points, skipping layers past the last.
 
-    def __init__(self, model: torch.nn.Module, hook_point: str | HookPoint):
+    With one hook point the result is [B, T, d_model]; with a sequence of them, [B, T, n_hooks, d_model] in the
+    given order, all from one forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, hook_point: str | HookPoint | Sequence[str | HookPoint]):
         self.model = model
-        self.module, self.extract = hf_module_and_output(model, hook_point)
+        self.single = isinstance(hook_point, (str, HookPoint))
+        points = [hook_point] if isinstance(hook_point, (str, HookPoint)) else list(hook_point)
+        self.taps = [hf_module_and_output(model, hp) for hp in points]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        captured: dict[str, torch.Tensor] = {}
+        captured: dict[int, torch.Tensor] = {}
 
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            captured["x"] = self.extract(output)
-            raise _StopForward
+        def tap(index: int, extract):
+            def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+                captured[index] = extract(output)
+                if len(captured) == len(self.taps):
+                    raise _StopForward
 
-        handle = self.module.register_forward_hook(hook)
+            return hook
+
+        handles = [module.register_forward_hook(tap(i, ex)) for i, (module, ex) in enumerate(self.taps)]
         try:
             self.model(input_ids=input_ids.long(), use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured["x"].float()  # [B, T, d_model]
+            for handle in handles:
+                handle.remove()
+        if self.single:
+            return captured[0].float()  # [B, T, d_model]
+        return torch.stack([captured[i].float() for i in range(len(self.taps))], dim=2)  # [B, T, H, d_model]
 
 
 @dataclass
@@ -102,7 +130,7 @@ class Corpus:
         return ~torch.isin(tokens, excluded)
 
 
-def cache_key(cfg: TrainerConfig) -> str:
+def cache_key(cfg: TrainerConfig, device: str | torch.device = "cpu") -> str:
     """Hash of everything that determines the captured activations (not the SAE or optimiser settings)."""
     d = cfg.data
     ident = {
@@ -121,7 +149,7 @@ def cache_key(cfg: TrainerConfig) -> str:
             d.exclude_special_tokens,
             d.contexts_per_chunk,
             d.cache_dtype,
-            d.capture_dtype,
+            compute_dtype(d.capture_dtype, device),
         ],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -155,40 +183,72 @@ def load_corpus(cfg: TrainerConfig, tokenizer) -> Corpus:
 
 
 class ChunkSource:
-    """Activations [n_kept, d_model] float32 per chunk (special tokens and norm outliers dropped), cached on disk."""
+    """Activations per chunk (special tokens and norm outliers dropped), cached on disk per hook point.
 
-    def __init__(self, cfg: TrainerConfig, corpus: Corpus, device: str | torch.device = "cpu"):
+    `hook_points` defaults to the config's SAE hook point; with several, one forward pass fills all of them and
+    a position is dropped when it is a norm outlier at any of them, so every SAE sees the same tokens.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        corpus: Corpus,
+        device: str | torch.device = "cpu",
+        hook_points: Sequence[str] | None = None,
+    ):
         self.cfg = cfg
         self.corpus = corpus
         self.device = device
-        self.cache = Path(cfg.data.cache_dir).expanduser() / cache_key(cfg) if cfg.data.cache_dir else None
+        self.hook_points = list(hook_points or [cfg.sae.hook_point])
+        self.caches = [
+            Path(cfg.data.cache_dir).expanduser() / cache_key(_at(cfg, hp), device) if cfg.data.cache_dir else None
+            for hp in self.hook_points
+        ]
+        self.cache = self.caches[0]
         self._capture: HookedCapture | None = None
+        self.captured = 0  # chunks this source ran the model for (the rest came from the cache)
 
-    def chunk_file(self, chunk: int) -> Path | None:
-        """Cache file of a chunk (None without a cache)."""
-        return self.cache / f"chunk_{chunk:06d}.safetensors" if self.cache else None
+    def chunk_file(self, chunk: int, hook: int = 0) -> Path | None:
+        """Cache file of a chunk at the hook_points[hook] (None without a cache)."""
+        cache = self.caches[hook]
+        return cache / f"chunk_{chunk:06d}.safetensors" if cache else None
 
     def __call__(self, chunk: int) -> torch.Tensor:
-        path = self.chunk_file(chunk)
-        if path is not None and path.exists():
-            acts = load_file(str(path))["acts"].float()
+        """Activations [n_kept, d_model] at the first hook point (float32)."""
+        return self.read(chunk)[:, 0]
+
+    def read(self, chunk: int) -> torch.Tensor:
+        """Activations [n_kept, n_hooks, d_model] float32, from the cache where every hook point has the chunk."""
+        paths = [self.chunk_file(chunk, h) for h in range(len(self.hook_points))]
+        if all(p is not None and p.exists() for p in paths):
+            acts = torch.stack([load_file(str(p))["acts"].float() for p in paths if p is not None], dim=1)
         else:
             acts = self.capture(chunk)
-            if path is not None:
-                _atomic_save({"acts": acts.to(_DTYPES[self.cfg.data.cache_dtype])}, path)
+            for h, path in enumerate(paths):
+                if path is not None:
+                    _atomic_save({"acts": acts[:, h].to(_DTYPES[self.cfg.data.cache_dtype])}, path)
         # Filtering after the cache keeps cached chunks valid for any outlier setting.
-        return acts[inlier_mask(acts.norm(dim=-1), self.cfg.data.outlier_norm_factor)]
+        factor = self.cfg.data.outlier_norm_factor
+        keep = torch.stack([inlier_mask(acts[:, h].norm(dim=-1), factor) for h in range(acts.shape[1])]).all(0)
+        return acts[keep]
 
     def capture(self, chunk: int) -> torch.Tensor:
-        """Run the model over one chunk's contexts; drops special-token positions."""
+        """Run the model over one chunk's contexts: [kept, n_hooks, d_model], special-token positions dropped."""
         if self._capture is None:
-            model, _ = load_language_model(self.cfg.model_path, self.device, self.cfg.data.capture_dtype)
-            self._capture = HookedCapture(model, self.cfg.sae.hook_point)
+            dtype = compute_dtype(self.cfg.data.capture_dtype, self.device)
+            model, _ = load_language_model(self.cfg.model_path, self.device, dtype)
+            self._capture = HookedCapture(model, self.hook_points)
         tokens = self.corpus.chunk_tokens(chunk)  # [n, T]
         keep = self.corpus.keep_mask(tokens, self.cfg.data.exclude_special_tokens)  # [n, T]
         out = []
         bs = self.cfg.data.capture_batch_size
         for i in range(0, tokens.shape[0], bs):
-            acts = self._capture(tokens[i : i + bs].to(self.device))  # [b, T, d]
-            out.append(acts[keep[i : i + bs].to(acts.device)].cpu())  # [kept, d]
+            acts = self._capture(tokens[i : i + bs].to(self.device))  # [b, T, H, d]
+            out.append(acts[keep[i : i + bs].to(acts.device)].cpu())  # [kept, H, d]
+        self.captured += 1
         return torch.cat(out)
+
+
+def _at(cfg: TrainerConfig, hook_point: str) -> TrainerConfig:
+    """The config with its SAE at another hook point (what a cache key at that hook point is computed from)."""
+    return dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, hook_point=hook_point))

@@ -47,9 +47,19 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Fraction of chunks held out from training for evaluation (at least one chunk)."""
     capture_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Model dtype for capture: bfloat16 ran 2.8x faster here, off by 4e-4 of the variance; evaluation uses float32."""
+    """Model dtype for capture where the hardware has bf16 units; CPUs without them compute in float32 (7x faster)."""
     capture_batch_size: int = 8
     """Contexts per model forward pass during capture."""
+    capture_workers: int = 0
+    """Ray Data capture actors (each holds the model) filling the cache before training; 0 captures in the trainers."""
+    capture_cpus: float = 0.5
+    """Logical CPUs reserved per capture actor (fractional, so capture fits beside Serve on a 2-CPU node)."""
+    capture_gpus: float = 0.0
+    """GPUs reserved per capture actor; above 0 the actor runs the model on its GPU."""
+    hook_points: list[str] = field(default_factory=list)
+    """Further hook points captured in the same forward pass and cached beside the SAE's (one pass, several SAEs)."""
+    capture_fail_at_chunk: int | None = None
+    """Test hook: the capture actor that reaches this chunk exits once, before caching it, as a crashed worker would."""
     shuffle_buffer: int = 65536
     """Activations mixed in the shuffle buffer; batches are drawn once it is at least half full."""
     cache_dir: str | None = None
@@ -78,6 +88,24 @@ class SAEArchConfig:
     """Scale inputs so that E[||x||] = sqrt(d_model); the scale is stored as the SAE's input_scale."""
     threshold_mode: Literal["global", "per_latent"] = "global"
     """batchtopk: save one threshold for all latents or one per latent (EMA of the smallest kept activation)."""
+
+
+@dataclass
+class SAEVariant:
+    """Another SAE the same job trains from the same captured activations; unset fields take `sae`'s values."""
+
+    sae_id: str
+    """Registry id of this SAE (its run folder is `<run.name>-<sae_id>`)."""
+    hook_point: str | None = None
+    """Hook point; captured in the same forward pass as the others."""
+    architecture: Architecture | None = None
+    """topk, relu or batchtopk."""
+    expansion_factor: int | None = None
+    """d_sae = expansion_factor * d_model unless d_sae is given."""
+    d_sae: int | None = None
+    """Number of latents."""
+    k: int | None = None
+    """Active latents per token."""
 
 
 @dataclass
@@ -196,11 +224,33 @@ class TrainerConfig:
     """Evaluation."""
     publish: PublishConfig = field(default_factory=PublishConfig)
     """Publishing."""
+    more_saes: list[SAEVariant] = field(default_factory=list)
+    """Further SAEs (other hook points, widths or k) trained from the same capture pass, each published on its own."""
 
     @property
     def model_path(self) -> Path:
         """The model folder with `~` expanded."""
         return Path(self.model).expanduser()
+
+    @property
+    def capture_hook_points(self) -> list[str]:
+        """Hook points one capture pass fills: the SAE's first, then data.hook_points (deduplicated, in order)."""
+        return list(dict.fromkeys([self.sae.hook_point, *self.data.hook_points]))
+
+    def sae_jobs(self) -> list[TrainerConfig]:
+        """One config per SAE: this one, then one per `more_saes` entry; every one captures all their hook points
+        (so the first pass fills the cache for all) and none has `more_saes` of its own."""
+        variants = [v.hook_point for v in self.more_saes if v.hook_point]
+        points = list(dict.fromkeys([self.sae.hook_point, *self.data.hook_points, *variants]))
+        data = dataclasses.replace(self.data, hook_points=points)
+        jobs = [dataclasses.replace(self, data=data, more_saes=[])]
+        for v in self.more_saes:
+            changes = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.name != "sae_id"}
+            sae = dataclasses.replace(self.sae, **{k: x for k, x in changes.items() if x is not None})
+            run = dataclasses.replace(self.run, name=f"{self.run.name}-{v.sae_id}")
+            publish = dataclasses.replace(self.publish, sae_id=v.sae_id)
+            jobs.append(dataclasses.replace(self, data=data, sae=sae, run=run, publish=publish, more_saes=[]))
+        return jobs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, the inverse of `from_dict` (tuples become lists for YAML/JSON)."""

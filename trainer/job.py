@@ -128,31 +128,49 @@ def finalize(cfg: TrainerConfig, checkpoint: Path) -> tuple[Path, dict[str, Any]
 
 
 def run_job(cfg: TrainerConfig) -> dict[str, Any]:
-    """Train, evaluate and publish; returns a summary (card metrics, paths, timings)."""
+    """Capture, train, evaluate and publish every SAE of the job (`sae` and `more_saes`); returns a summary: the
+    first SAE's card metrics and paths at the top, every SAE's under `saes`, capture counts and timings."""
     from .publish import publish
 
     cfg = resolve_paths(cfg)
+    jobs = cfg.sae_jobs()
     started = time.perf_counter()
     owns_ray = _init_ray(cfg)
+    capture = None
     try:
-        checkpoint = fit(cfg)
+        if cfg.data.capture_workers > 0:
+            from .capture_data import fill_cache
+
+            capture = {**fill_cache(jobs[0]), "s": round(time.perf_counter() - started, 1)}
+        # One Ray Train run per SAE, in order; the first pass cached every hook point, so the others only read.
+        checkpoints = [fit(job) for job in jobs]
     finally:
         if owns_ray:
             import ray
 
             ray.shutdown()
     fit_s = time.perf_counter() - started
-    with checkpoint.as_directory() as folder:
-        final, card = finalize(cfg, Path(folder))
-    entry = None
-    if cfg.publish.registry:
-        entry = publish(final, cfg.publish.registry, card["sae_id"])
+    saes = []
+    for job, checkpoint in zip(jobs, checkpoints):
+        with checkpoint.as_directory() as folder:
+            final, card = finalize(job, Path(folder))
+        entry = publish(final, job.publish.registry, card["sae_id"]) if job.publish.registry else None
+        saes.append(
+            {
+                "sae_id": card["sae_id"],
+                "hook_point": card["hook_point"],
+                "final": str(final),
+                "registry_entry": entry,
+                "training": {
+                    k: card["training"][k] for k in ("steps", "tokens", "wall_time_s", "dead_frac", "resumed_from")
+                },
+                "evaluation": card["evaluation"],
+            }
+        )
     return {
-        "sae_id": card["sae_id"],
-        "final": str(final),
-        "registry_entry": entry,
-        "training": {k: card["training"][k] for k in ("steps", "tokens", "wall_time_s", "dead_frac", "resumed_from")},
-        "evaluation": card["evaluation"],
+        **saes[0],
+        "saes": saes,
+        "capture": capture,
         "fit_s": round(fit_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }

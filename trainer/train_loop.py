@@ -48,7 +48,8 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.run_dir = Path(cfg.run.storage_path) / cfg.run.name
         corpus = load_corpus(cfg, load_tokenizer(cfg.model_path))
-        self.source = ChunkSource(cfg, corpus, self.device)
+        # All the job's hook points: the first SAE's capture pass fills the cache for the others.
+        self.source = ChunkSource(cfg, corpus, self.device, cfg.capture_hook_points)
         self.plan = corpus.plan
         self._setup()
 

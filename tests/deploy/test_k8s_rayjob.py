@@ -72,4 +72,7 @@ def test_job_cluster_has_the_cpus_the_train_workers_ask_for():
         float(g["rayStartParams"]["num-cpus"]) * g["maxReplicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]
     )
     assert cfg.run.num_workers * cfg.run.cpus_per_worker < worker_cpus
+    # Capture actors run before training, on the same workers; the head (num-cpus 0) runs neither.
+    assert cfg.data.capture_workers >= 1 and cfg.data.cache_dir
+    assert cfg.data.capture_workers * cfg.data.capture_cpus <= worker_cpus
     assert spec["suspend"] is True and spec["shutdownAfterJobFinishes"] is True

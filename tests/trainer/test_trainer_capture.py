@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from trainer.capture import ChunkSource, HookedCapture, load_corpus, load_language_model
@@ -49,3 +50,13 @@ def test_inlier_mask_drops_attention_sink_norms():
     norms = torch.tensor([170.0, 180.0, 165.0, 20000.0, 175.0, 1500.0])
     assert inlier_mask(norms, 10.0).tolist() == [True, True, True, False, True, True]
     assert inlier_mask(norms, None).all()
+
+
+@pytest.mark.fast
+def test_bfloat16_capture_math_only_where_the_hardware_has_bf16_units():
+    from trainer.capture import compute_dtype
+
+    bf16_cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert compute_dtype("bfloat16", "cpu") == ("bfloat16" if bf16_cpu else "float32")
+    assert compute_dtype("bfloat16", "cuda") == "bfloat16"
+    assert compute_dtype("float32", "cpu") == "float32"

@@ -52,3 +52,18 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
     assert factors[0] == 0.1 and factors[9] == 1.0 and factors[50] == 1.0
     assert factors[80] == 1.0 and factors[90] == 0.5 and factors[99] == 0.05
     assert abs(default_lr(2**14) - 2e-4) < 1e-12
+
+
+@pytest.mark.fast
+def test_more_saes_become_one_job_each_capturing_every_hook_point():
+    cfg = load_config(
+        CONFIGS / "tiny-test.yaml",
+        ["more_saes=[{sae_id: wide, expansion_factor: 8}, {sae_id: l2, hook_point: blocks.2.resid_post, k: 4}]"],
+    )
+    first, wide, l2 = cfg.sae_jobs()
+    assert first.sae == cfg.sae and first.run.name == "tiny" and first.more_saes == []
+    assert (wide.sae.hook_point, wide.sae.expansion_factor, wide.sae.k) == ("blocks.1.resid_post", 8, 8)
+    assert (l2.sae.hook_point, l2.sae.k, l2.publish.sae_id, l2.run.name) == ("blocks.2.resid_post", 4, "l2", "tiny-l2")
+    assert all(j.capture_hook_points == ["blocks.1.resid_post", "blocks.2.resid_post"] for j in (first, wide))
+    assert l2.capture_hook_points == ["blocks.2.resid_post", "blocks.1.resid_post"]
+    assert TrainerConfig.from_dict(cfg.to_dict()) == cfg

@@ -17,6 +17,7 @@ from conftest import CONFIGS
 from tests.helpers import make_random_sae
 
 SAE_ID = "e2e"
+SECOND_ID = "e2e-l5"  # trained by the same job from the same capture pass, at another hook point
 PROMPT = "The old sailor looked at the sea and said"
 
 
@@ -68,6 +69,7 @@ def published(service, tmp_path_factory):
             f"publish.sae_id={SAE_ID}",
             f"data.cache_dir={tmp / 'cache'}",
             "sae.hook_point=blocks.10.resid_post",
+            f"more_saes=[{{sae_id: {SECOND_ID}, hook_point: blocks.5.resid_post, k: 16}}]",
             "data.max_documents=300",
             "optim.steps=30",
             "run.num_workers=1",
@@ -79,7 +81,8 @@ def published(service, tmp_path_factory):
     summary = run_job(cfg)
     yield summary
     with service.http(service.admin_key) as http:
-        http.delete(f"/v1/saes/{SAE_ID}")  # leave the shared service as the other tests expect it
+        for sae_id in (SAE_ID, SECOND_ID):
+            http.delete(f"/v1/saes/{sae_id}")  # leave the shared service as the other tests expect it
 
 
 def test_published_sae_is_hot_loaded_and_steers(service, published):
@@ -128,3 +131,18 @@ def test_corrupt_and_mismatched_publishes_are_rejected_and_serving_continues(ser
         listed = {s["id"]: s for s in http.get("/v1/saes").json()["data"]}
     assert "broken" not in listed and listed[SAE_ID]["d_in"] == 576 and "toy" in listed
     assert greedy(service, steering) == before
+
+
+def test_one_job_publishes_two_saes_from_one_pass_and_both_hot_load(service, published):
+    assert [s["sae_id"] for s in published["saes"]] == [SAE_ID, SECOND_ID]
+    assert [s["hook_point"] for s in published["saes"]] == ["blocks.10.resid_post", "blocks.5.resid_post"]
+    second = published["saes"][1]
+    assert second["registry_entry"]["version"] == 1 and 0 < second["evaluation"]["fvu"] < 1
+    wait_for_state(service, SECOND_ID, 1, "loaded")
+    with service.http() as http:
+        listed = {s["id"]: s for s in http.get("/v1/saes").json()["data"]}
+        assert listed[SECOND_ID]["hook_point"] == "blocks.5.resid_post" and SAE_ID in listed
+        r = http.post("/v1/activations", json={"input": PROMPT, "saes": [SAE_ID, SECOND_ID], "top_k": 2})
+    assert r.status_code == 200, r.text
+    for sae_id in (SAE_ID, SECOND_ID):
+        assert any(v > 0 for t in r.json()["tokens"] for _, v in t["saes"][sae_id]["top"])

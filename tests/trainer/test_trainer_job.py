@@ -50,6 +50,8 @@ def job(tiny_llama, tmp_path_factory):
         f"run.fail_at_step={FAIL_AT}",
         "run.num_workers=2",
         "run.cpus_per_worker=0.5",
+        "data.capture_workers=2",
+        "data.capture_cpus=0.5",
     )
     return tmp, summary
 
@@ -100,9 +102,23 @@ def test_injected_failure_resumes_from_the_last_checkpoint(job):
     assert summary["training"]["steps"] == STEPS
 
 
+def test_capture_actors_filled_the_cache_before_training(job):
+    _, summary = job
+    capture = summary["capture"]
+    assert capture["captured"] == capture["chunks"] > 2 and capture["cached"] == 0 and capture["rows"] > 0
+
+
 def test_rerun_with_the_same_storage_continues_the_run(job, tiny_llama):
     tmp, _ = job
-    summary = run_cli(tmp, tiny_llama, f"optim.steps={STEPS + 10}", "run.num_workers=1", "eval.max_contexts=8")
+    summary = run_cli(
+        tmp,
+        tiny_llama,
+        f"optim.steps={STEPS + 10}",
+        "run.num_workers=1",
+        "eval.max_contexts=8",
+        "data.capture_workers=1",
+    )
+    assert summary["capture"]["captured"] == 0  # the second job on the same data and hook point reads the shards
     assert summary["training"]["resumed_from"] == [FAIL_AT // CHECKPOINT_EVERY * CHECKPOINT_EVERY, STEPS]
     records = read_metrics(tmp / "runs" / "tiny" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 11))
