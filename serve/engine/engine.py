@@ -480,7 +480,7 @@ class SAEEngine:
             self._drain_wake.clear()
             if not self._live:
                 continue
-            self._draining = asyncio.create_task(self._drain_once(list(self._live)))
+            self._draining = asyncio.create_task(self._drain_once(dict(self._live)))
             try:
                 await self._draining
             except Exception as e:  # the engine died: every live request fails with it
@@ -489,13 +489,13 @@ class SAEEngine:
             finally:
                 self._draining = None
 
-    async def _drain_once(self, keys: list[str]) -> None:
+    async def _drain_once(self, inboxes: dict[str, asyncio.Queue]) -> None:
+        """One drain for the requests live when it started: their rows reach their inboxes even if they end meanwhile
+        (an ending request waits for this drain before its last call)."""
         with _engine_down_errors():
-            per_rank = await self._llm.collective_rpc("sae_drain", args=(keys,))
+            per_rank = await self._llm.collective_rpc("sae_drain", args=(list(inboxes),))
         for key, captures in _merge_ranks_rows(per_rank).items():
-            inbox = self._live.get(key)
-            if inbox is not None:
-                inbox.put_nowait(("rows", captures))
+            inboxes[key].put_nowait(("rows", captures))
 
     async def activations(
         self,
