@@ -60,12 +60,18 @@ def _generate(args: argparse.Namespace, chat: bool) -> int:
         "temperature": args.temperature,
         "seed": args.seed,
     }
+    if args.features:
+        from .request_models import LiveFeatures
+
+        options["sae_features"] = LiveFeatures.parse(args.features, args.features_top_k, args.features_prompt)
     if chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         what = system + [{"role": "user", "content": args.text}]
     else:
         what = args.text
     with _client(args) as client:
+        if args.features and not args.json:
+            return _live_trace(client.chat_stream if chat else client.complete_stream, what, options)
         if args.stream:
             stream = client.chat_stream if chat else client.complete_stream
             for chunk in stream(what, **options):
@@ -75,6 +81,21 @@ def _generate(args: argparse.Namespace, chat: bool) -> int:
             return 0
         result = (client.chat if chat else client.complete)(what, **options)
         print(result.model_dump_json() if args.json else result.text)
+    return 0
+
+
+def _live_trace(stream: Callable, what, options: dict) -> int:
+    """One line per token as it streams (position, token, per SAE its top features and the chosen ones), then the
+    answer."""
+    from .render import live_token_line
+
+    text = []
+    for chunk in stream(what, **options):
+        for choice in chunk.choices:
+            for token in choice.features or []:
+                print(live_token_line(token), flush=True)
+        text.append(chunk.text)
+    print("".join(text))
     return 0
 
 
@@ -184,6 +205,14 @@ def _generation_options() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="served model name (default: the one /v1/models lists)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
     gen.add_argument("--json", action="store_true", help="print the response (or each chunk) as JSON")
+    gen.add_argument(
+        "--features",
+        action="append",
+        metavar="SAE[:i,j]",
+        help="stream each token's features at SAE (repeatable); i,j: features whose values every token shows",
+    )
+    gen.add_argument("--features-top-k", type=int, default=4, help="top features per token with --features (4)")
+    gen.add_argument("--features-prompt", action="store_true", help="with --features, the prompt's tokens too")
     return gen
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .response_models import ActivationsResponse, FeatureCard, LogitLensToken, SAEList
+from .response_models import ActivationsResponse, ActivationToken, FeatureCard, LogitLensToken, SAEList
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -39,6 +39,18 @@ def activations_table(result: ActivationsResponse) -> str:
                 row.append(_pairs(values.features) if values else "-")
         rows.append(row)
     return _table(header, rows, right={0})
+
+
+def live_token_line(token: ActivationToken) -> str:
+    """A token of a live trace: position, the token (JSON-quoted), '*' if generated, then per SAE its top features
+    and the chosen ones after '|'; '-' for a token the model never read."""
+    cells = [f"{token.index:>5}", f"{json.dumps(token.text, ensure_ascii=False):<14}", "*" if token.generated else " "]
+    for sae, values in (token.saes or {}).items():
+        chosen = f" | {_pairs(values.features)}" if values.features else ""
+        cells.append(f"{sae}: {_pairs(values.top)}{chosen}")
+    if token.saes is None:
+        cells.append("-")
+    return "  ".join(cells)
 
 
 def saes_table(saes: SAEList) -> str:

@@ -101,6 +101,31 @@ class ChatMessage(_Body):
     name: str | None = Field(default=None, description="Participant name.")
 
 
+class LiveFeatures(_Body):
+    """Per-token SAE features read while the answer is generated, sent with it (needs n = 1)."""
+
+    saes: list[str] = Field(min_length=1, max_length=16, description="SAE ids to read.")
+    top_k: int = Field(default=8, ge=0, le=64, description="Top (feature, value) pairs per token and SAE.")
+    features: dict[str, list[Annotated[int, Field(ge=0)]]] = Field(
+        default_factory=dict, description="Per SAE id, feature indices whose values come with every token."
+    )
+    include_prompt: bool = Field(default=False, description="Also send the prompt's tokens (in the first chunk).")
+
+    @classmethod
+    def parse(cls, specs: list[str], top_k: int = 8, include_prompt: bool = False) -> LiveFeatures:
+        """From CLI words SAE[:i,j]: the SAEs to read and, after the colon, features followed at every token."""
+        saes, features = [], {}
+        for spec in specs:
+            sae, _, chosen = spec.partition(":")
+            saes.append(sae)
+            if chosen:
+                try:
+                    features[sae] = [int(f) for f in chosen.split(",")]
+                except ValueError:
+                    raise ValueError(f"features {spec!r}: expected SAE[:i,j] with integer features") from None
+        return cls(saes=saes, top_k=top_k, features=features, include_prompt=include_prompt)
+
+
 class _Sampling(_Body):
     model: str = Field(description="Served model name (the client fills it in from /v1/models when not given).")
     n: int = Field(default=1, ge=1, description="Choices to generate.")
@@ -111,6 +136,7 @@ class _Sampling(_Body):
     stream: bool = Field(default=False, description="Stream server-sent events (set by the stream methods).")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options (stream only).")
     steering: list[SteeringEntry] = Field(default_factory=list, description="SAE steering entries.")
+    sae_features: LiveFeatures | None = Field(default=None, description="Live per-token SAE features (n = 1).")
 
 
 class ChatRequest(_Sampling):

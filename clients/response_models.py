@@ -67,6 +67,9 @@ class CompletionChoice(_Response):
     text: str = Field(description="Generated text (or its new part when streaming).")
     logprobs: CompletionLogprobs | None = Field(default=None, description="Per-token logprobs if asked.")
     finish_reason: FinishReason | None = Field(default=None, description="Why generation ended.")
+    features: list[ActivationToken] | None = Field(
+        default=None, description="With sae_features: per token delivered here, its SAE features."
+    )
 
 
 class Completion(_Response):
@@ -118,6 +121,9 @@ class ChatChoice(_Response):
     message: ChatResponseMessage = Field(description="The answer.")
     logprobs: ChatLogprobs | None = Field(default=None, description="Per-token logprobs if asked.")
     finish_reason: FinishReason | None = Field(description="Why generation ended.")
+    features: list[ActivationToken] | None = Field(
+        default=None, description="With sae_features: per token delivered here, its SAE features."
+    )
 
 
 class ChatCompletion(_Response):
@@ -148,6 +154,9 @@ class ChatChunkChoice(_Response):
     delta: ChatDelta = Field(description="New output.")
     logprobs: ChatLogprobs | None = Field(default=None, description="Logprobs of the new tokens if asked.")
     finish_reason: FinishReason | None = Field(default=None, description="Set on the last chunk.")
+    features: list[ActivationToken] | None = Field(
+        default=None, description="With sae_features: per token delivered here, its SAE features."
+    )
 
 
 class ChatCompletionChunk(_Response):

@@ -91,6 +91,28 @@ def _check_stop(v: Stop) -> Stop:
     return v
 
 
+MAX_LIVE_TOP_K = 64
+MAX_LIVE_FEATURES = 64  # chosen features per SAE
+
+
+def _bounded_selection(v: dict[str, list[int]]) -> dict[str, list[int]]:
+    for sae_id, idx in v.items():
+        if len(idx) > MAX_LIVE_FEATURES:
+            raise ValueError(f"{sae_id!r}: at most {MAX_LIVE_FEATURES} chosen features per SAE, got {len(idx)}")
+    return v
+
+
+class LiveFeaturesRequest(_Body):
+    """Per-token SAE features read while the answer is generated (OpenAI SDK: `extra_body={"sae_features": ...}`)."""
+
+    saes: list[str] = Field(min_length=1, max_length=16, description="SAE ids to read (at most capture_sites sites).")
+    top_k: int = Field(default=8, ge=0, le=MAX_LIVE_TOP_K, description="Top (feature, value) pairs per token and SAE.")
+    features: Annotated[FeatureSelection, AfterValidator(_bounded_selection)] = Field(
+        default_factory=dict, description="Per SAE id, feature indices whose values come with every token."
+    )
+    include_prompt: bool = Field(default=False, description="Also send the prompt's tokens (in the first chunk).")
+
+
 class _SamplingFields(_Body):
     model: Text = Field(description="Served model name (see /v1/models).")
     n: int = Field(default=1, ge=1, description="Choices to generate.")
@@ -106,6 +128,9 @@ class _SamplingFields(_Body):
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (null or empty only).")
     steering: list[SteeringEntry] = Field(
         default_factory=list, description="SAE steering entries {sae, feature, value, op, positions} (extra_body)."
+    )
+    sae_features: LiveFeaturesRequest | None = Field(
+        default=None, description="Live per-token SAE features beside the text (extra_body; needs n = 1)."
     )
 
     _check_stop = field_validator("stop")(_check_stop)
@@ -190,6 +215,11 @@ class CompletionChoice(_Body):
     text: str = Field(description="Generated text (or its new part when streaming).")
     logprobs: CompletionLogprobs | None = Field(default=None, description="Per-token logprobs if asked.")
     finish_reason: Literal["stop", "length"] | None = Field(default=None, description="Why generation ended.")
+    features: list[ActivationToken] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="With sae_features: per token delivered here, its SAE features (absent otherwise).",
+    )
 
 
 class Usage(_Body):
@@ -313,6 +343,11 @@ class ChatChoice(_Body):
     message: ChatResponseMessage = Field(description="The answer.")
     logprobs: ChatLogprobs | None = Field(default=None, description="Per-token logprobs if asked.")
     finish_reason: Literal["stop", "length"] | None = Field(description="Why generation ended.")
+    features: list[ActivationToken] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="With sae_features: per token delivered here, its SAE features (absent otherwise).",
+    )
 
 
 class ChatCompletion(_Body):
@@ -340,6 +375,11 @@ class ChatChunkChoice(_Body):
     delta: ChatDelta = Field(description="New output.")
     logprobs: ChatLogprobs | None = Field(default=None, description="Logprobs of the new tokens if asked.")
     finish_reason: Literal["stop", "length"] | None = Field(default=None, description="Set on the last chunk.")
+    features: list[ActivationToken] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="With sae_features: per token delivered here, its SAE features (absent otherwise).",
+    )
 
 
 class ChatCompletionChunk(_Body):
@@ -541,6 +581,7 @@ class ChoiceDelta:
     num_tokens: int
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
+    features: list[ActivationToken] | None = None  # live features of exactly these tokens (prompt ones first)
 
 
 @dataclass

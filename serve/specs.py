@@ -116,6 +116,7 @@ class CaptureSpec(BaseModel):
         default_factory=dict, description="Per SAE id, feature indices whose values are recorded for every token."
     )
     include_generated: bool = Field(default=False, description="Also record generated tokens, not only the prompt.")
+    include_prompt: bool = Field(default=True, description="Record the prompt's tokens (live features may skip them).")
 
 
 @dataclass(frozen=True)
@@ -180,21 +181,27 @@ def validate_steering(
                 )
 
 
-def validate_capture(spec: CaptureSpec, saes: dict[str, SAEMeta], max_sites: int | None = None) -> None:
+def validate_capture(
+    spec: CaptureSpec, saes: dict[str, SAEMeta], max_sites: int | None = None, field: str = ""
+) -> None:
+    """`field`: the request field the spec came from (e.g. `sae_features.`), prefixed to the names in errors."""
     for i, sae_id in enumerate(spec.saes):
         if sae_id not in saes:
             known = ", ".join(sorted(saes)) or "none loaded"
-            raise SpecError(f"saes[{i}]: unknown SAE {sae_id!r} (loaded: {known})", f"saes[{i}]")
+            raise SpecError(f"{field}saes[{i}]: unknown SAE {sae_id!r} (loaded: {known})", f"{field}saes[{i}]")
     sites = {saes[s].hook_point for s in spec.saes}
     if max_sites is not None and len(sites) > max_sites:
-        raise SpecError(f"saes: {len(sites)} hook points; this engine captures at most {max_sites} at once", "saes")
+        raise SpecError(
+            f"{field}saes: {len(sites)} hook points; this engine captures at most {max_sites} at once", f"{field}saes"
+        )
     for sae_id, idx in spec.features.items():
         if sae_id not in spec.saes:
-            raise SpecError(f"features: SAE {sae_id!r} is not among the captured saes", "features")
+            raise SpecError(f"{field}features: SAE {sae_id!r} is not among the captured saes", f"{field}features")
         bad = [i for i in idx if i >= saes[sae_id].d_sae]
         if bad:
             raise SpecError(
-                f"features[{sae_id!r}]: indices {bad} out of range ({saes[sae_id].d_sae} features)", "features"
+                f"{field}features[{sae_id!r}]: indices {bad} out of range ({saes[sae_id].d_sae} features)",
+                f"{field}features",
             )
 
 

@@ -85,6 +85,7 @@ class EncodedCapture:
     top_k: int
     features: dict[str, list[int]] = field(default_factory=dict)
     include_generated: bool = False
+    include_prompt: bool = True  # live features may leave the prompt's rows out
 
 
 @dataclass
@@ -119,6 +120,8 @@ def encode(entries: Iterable[SteeringEntry], capture: CaptureSpec | None, key: s
             "features": {k: list(v) for k, v in capture.features.items()},
             "include_generated": capture.include_generated,
         }
+        if not capture.include_prompt:
+            out["capture"]["include_prompt"] = False
     if not out:
         return {}
     out["key"] = key
@@ -163,5 +166,6 @@ def decode(extra_args: dict | None) -> EncodedRequest | None:
             top_k=int(cap["top_k"]),
             features={k: list(v) for k, v in cap.get("features", {}).items()},
             include_generated=bool(cap.get("include_generated", False)),
+            include_prompt=bool(cap.get("include_prompt", True)),
         )
     return EncodedRequest(str(spec["key"]), steer, capture)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve.engine import codec
 from serve.engine.config import EngineConfig
+from serve.engine.live import LiveFeatures, LiveToken
 from serve.engine.residency import Residency
 from serve.errors import EngineUnavailable, SpecError, SteeringUnavailable, Unavailable
 from serve.specs import (
@@ -86,6 +87,7 @@ class GenerationUpdate:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     captures: dict[str, dict[str, list]] | None = None
     steering_report: list[SteeringReport] | None = None
+    live: list[LiveToken] | None = None  # live features: the rows of exactly the tokens this update delivers
 
 
 @dataclass
@@ -126,6 +128,10 @@ class SAEEngine:
         self._sae_lock = asyncio.Lock()
         self._probed_sites: set[str] = set()
         self.steering_refused: str | None = None  # why steering requests are refused, once a probe failed
+        self._live: dict[str, asyncio.Queue] = {}  # request key -> inbox of a running live-features request
+        self._drain_wake = asyncio.Event()  # set by every engine output of a live-features request
+        self._drain_task: asyncio.Task | None = None
+        self._draining: asyncio.Task | None = None  # the drain in flight
 
     @classmethod
     async def start(cls, config: EngineConfig) -> SAEEngine:
@@ -276,7 +282,9 @@ class SAEEngine:
                 await self._llm.collective_rpc("sae_unload", args=(sae_id,))
 
     # --- generation ---------------------------------------------------------------------------------
-    def _check_specs(self, steering: list[SteeringEntry], capture: CaptureSpec | None = None, n: int = 1) -> None:
+    def _check_specs(
+        self, steering: list[SteeringEntry], capture: CaptureSpec | None = None, n: int = 1, live: bool = False
+    ) -> None:
         if steering and self.steering_refused is not None:
             raise SteeringUnavailable(self.steering_refused, "steering")
         if len(steering) > self.config.max_steering_entries:
@@ -288,8 +296,9 @@ class SAEEngine:
             _check_conditions(i, e, self._saes, self.static_steering, self.config.pipeline_parallel_size > 1)
         if capture is not None:
             if n != 1:
-                raise SpecError("n: feature capture needs n == 1", "n")
-            validate_capture(capture, self._saes, self.config.capture_sites)
+                what = "live features (sae_features) need" if live else "feature capture needs"
+                raise SpecError(f"n: {what} n == 1", "n")
+            validate_capture(capture, self._saes, self.config.capture_sites, "sae_features." if live else "")
 
     async def generate(
         self,
@@ -298,12 +307,14 @@ class SAEEngine:
         steering: Sequence[SteeringEntry] = (),
         capture: CaptureSpec | None = None,
         request_id: str | None = None,
+        live: bool = False,
     ) -> AsyncIterator[GenerationUpdate]:
-        """Stream deltas; raises SpecError before anything is queued if a spec is invalid."""
+        """Stream deltas; raises SpecError before anything is queued if a spec is invalid. `live`: the captured
+        rows come on the updates as they are read (`GenerationUpdate.live`), not all at the end."""
         steering = list(steering)
         self._check_running()
-        self._check_specs(steering, capture, sampling.n)
-        async for update in self._generate(prompt, sampling, steering, capture, request_id):
+        self._check_specs(steering, capture, sampling.n, live)
+        async for update in self._generate(prompt, sampling, steering, capture, request_id, live):
             yield update
 
     async def _generate(
@@ -313,6 +324,7 @@ class SAEEngine:
         steering: list[SteeringEntry],
         capture: CaptureSpec | None,
         request_id: str | None = None,
+        live: bool = False,
     ) -> AsyncIterator[GenerationUpdate]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -335,12 +347,17 @@ class SAEEngine:
         )
         engine_prompt: dict = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         # Capture must compute every prompt position, so it never reads cached KV; steered KV is salted per spec.
-        salt = f"capture-{key}" if capture is not None else steering_cache_salt(steering, self._saes)
+        reads_prompt = capture is not None and capture.include_prompt
+        salt = f"capture-{key}" if reads_prompt else steering_cache_salt(steering, self._saes)
         if salt:
             engine_prompt["cache_salt"] = salt
         sae_ids = [e.sae for e in steering if e.sae is not None] + [c.sae for e in steering for c in e.when]
         sae_ids += list(capture.saes) if capture else []
-        run = self._run(engine_prompt, params, request_id, key, extra, steering, capture, sampling)
+        run = (
+            self._run_live(engine_prompt, params, request_id, key, steering, capture, sampling)
+            if live and capture is not None
+            else self._run(engine_prompt, params, request_id, key, extra, steering, capture, sampling)
+        )
         async with self._residency.reserve(sae_ids), contextlib.aclosing(run):
             async for update in run:
                 yield update
@@ -381,6 +398,105 @@ class SAEEngine:
                     if extra:
                         await self._llm.collective_rpc("sae_finish", args=(key,))
 
+    async def _run_live(
+        self,
+        engine_prompt: dict,
+        params: Any,
+        request_id: str,
+        key: str,
+        steering: list[SteeringEntry],
+        capture: CaptureSpec,
+        sampling: Sampling,
+    ) -> AsyncGenerator[GenerationUpdate]:
+        """One live-features request: engine outputs and drained rows meet in its inbox; an output goes out once its
+        tokens' rows are in (`LiveFeatures`), the rest when the request ends."""
+        inbox: asyncio.Queue = asyncio.Queue()
+        features = LiveFeatures(capture.saes, capture.include_prompt)
+
+        async def pump() -> None:
+            try:
+                with _engine_down_errors():
+                    async for out in self._llm.generate(engine_prompt, params, request_id):
+                        inbox.put_nowait(("out", out))
+                        self._drain_wake.set()
+                inbox.put_nowait(("end", None))
+            except Exception as e:  # handed to the consumer, which raises it
+                inbox.put_nowait(("error", e))
+
+        self._live[key] = inbox
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain_forever())
+        reader = asyncio.create_task(pump())
+        finished = False
+        generated = 0
+        try:
+            while True:
+                kind, value = await inbox.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    break
+                if kind == "rows":
+                    features.add_rows(value)
+                else:
+                    update = _to_update(request_id, value)
+                    generated += sum(len(o.token_ids) for o in update.outputs)
+                    features.add(update)
+                for update in features.ready():
+                    yield update
+            finished = True
+            del self._live[key]
+            if self._draining is not None:  # rows of this request may be on their way
+                await asyncio.shield(self._draining)
+            while not inbox.empty():
+                kind, value = inbox.get_nowait()
+                if kind == "rows":
+                    features.add_rows(value)
+            with _engine_down_errors():
+                left = _merge_ranks(await self._llm.collective_rpc("sae_finish", args=(key,)))
+            if left["capture_error"]:
+                raise Unavailable(f"live features failed: {left['capture_error']}; retry")
+            features.add_rows(left["captures"])
+            last = features.ready(final=True)
+            if steering and last:
+                last[-1].steering_report = _report(steering, left["report"], generated > sampling.n)
+            for update in last:
+                yield update
+        finally:
+            self._live.pop(key, None)
+            if not reader.done():
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            if not finished:
+                with _engine_down_errors():
+                    await self._llm.abort(request_id)
+                    await self._llm.collective_rpc("sae_finish", args=(key,))
+
+    async def _drain_forever(self) -> None:
+        """While live-features requests run: after each batch of engine outputs, one call to all workers for the rows
+        encoded since the last drain of every live request (never one call per request or token)."""
+        while True:
+            await self._drain_wake.wait()
+            self._drain_wake.clear()
+            if not self._live:
+                continue
+            self._draining = asyncio.create_task(self._drain_once(dict(self._live)))
+            try:
+                await self._draining
+            except Exception as e:  # the engine died: every live request fails with it
+                for inbox in self._live.values():
+                    inbox.put_nowait(("error", e))
+            finally:
+                self._draining = None
+
+    async def _drain_once(self, inboxes: dict[str, asyncio.Queue]) -> None:
+        """One drain for the requests live when it started: their rows reach their inboxes even if they end meanwhile
+        (an ending request waits for this drain before its last call)."""
+        with _engine_down_errors():
+            per_rank = await self._llm.collective_rpc("sae_drain", args=(list(inboxes),))
+        for key, captures in _merge_ranks_rows(per_rank).items():
+            inboxes[key].put_nowait(("rows", captures))
+
     async def activations(
         self,
         prompt: str | list[int],
@@ -416,6 +532,9 @@ class SAEEngine:
             pass
 
     def shutdown(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
@@ -476,6 +595,16 @@ def _merge_ranks(per_rank: list[dict]) -> dict:
             captures.setdefault(sae_id, rows)
     error = next((left["capture_error"] for left in per_rank if left["capture_error"]), None)
     return {"captures": captures, "capture_error": error, "report": per_rank[0]["report"]}
+
+
+def _merge_ranks_rows(per_rank: list[dict[str, dict]]) -> dict[str, dict]:
+    """Drained rows per request key from every worker; as in `_merge_ranks`, each SAE's from the first rank with it."""
+    out: dict[str, dict] = {}
+    for drained in per_rank:
+        for key, captures in drained.items():
+            for sae_id, rows in captures.items():
+                out.setdefault(key, {}).setdefault(sae_id, rows)
+    return out
 
 
 class _Phases:

@@ -35,6 +35,7 @@ from serve.registry import CARD_FILE, FEATURE_STATS_FILE, read_json
 from serve.replica.activations import activation_rows
 from serve.replica.feature_lens import FeatureLens
 from serve.replica.feature_search import search
+from serve.replica.live_rows import LiveRows
 from serve.replica.prompting import PromptRenderer, RenderedPrompt
 from serve.replica.registry_watcher import ManifestWatcher
 from serve.replica.sae_set import SAESet, sae_info_fields
@@ -205,15 +206,30 @@ class SAEModel:
     # --- generation ------------------------------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest, sae_version: int) -> AsyncIterator[StreamItem]:
         """Stream of StreamItems; an invalid request raises before the first item."""
-        await self._saes.catch_up(sae_version, {e.sae for e in req.steering if e.sae})
+        live = req.sae_features
+        wanted = {e.sae for e in req.steering if e.sae} | set(live.saes if live else ())
+        await self._saes.catch_up(sae_version, wanted)
         rendered, _ = self._render(req)
         max_tokens = self._fit(len(rendered.token_ids), req.output_limit(), req.max_tokens_param())
         top_n = req.top_logprobs_count()
-        updates = self._engine.generate(rendered.token_ids, sampling_for(req, max_tokens), req.steering)
+        sampling = sampling_for(req, max_tokens)
+        rows = None
+        if live is None:
+            updates = self._engine.generate(rendered.token_ids, sampling, req.steering)
+        else:
+            capture = CaptureSpec(
+                saes=live.saes,
+                top_k=live.top_k,
+                features=live.features,
+                include_generated=True,
+                include_prompt=live.include_prompt,
+            )
+            updates = self._engine.generate(rendered.token_ids, sampling, req.steering, capture, live=True)
+            rows = LiveRows(self._prompts, rendered, live)
         self._streams += 1
         try:
             async for group in batched(updates, self._stream_window if req.stream else None):
-                yield self._item(group, len(rendered.token_ids), top_n)
+                yield self._item(group, len(rendered.token_ids), top_n, rows)
         finally:
             self._streams -= 1
 
@@ -223,9 +239,14 @@ class SAEModel:
         message rate."""
         return max(self.config.stream_batch_ms / 1000, self._streams / self.config.stream_messages_per_s)
 
-    def _item(self, group: list[GenerationUpdate], prompt_tokens: int, top_n: int | None) -> StreamItem:
+    def _item(
+        self, group: list[GenerationUpdate], prompt_tokens: int, top_n: int | None, rows: LiveRows | None = None
+    ) -> StreamItem:
         deltas: dict[int, ChoiceDelta] = {}
         for update in group:
+            if rows is not None and update.live is not None:  # n == 1: all on choice 0
+                d = deltas.setdefault(0, ChoiceDelta(0, "", 0, [] if top_n is not None else None, None))
+                d.features = (d.features or []) + rows.rows(update.live, "".join(o.text for o in update.outputs))
             for out in update.outputs:
                 d = deltas.setdefault(out.index, ChoiceDelta(out.index, "", 0, [] if top_n is not None else None, None))
                 d.text += out.text

@@ -500,3 +500,78 @@ async def test_bad_conditions_fail_before_the_engine_naming_the_field(engine):
     for when, message in (({"sae": "j5m", "feature": 1}, "exactly one of above and below"),):
         with pytest.raises(ValueError, match=message):
             SteeringEntry(sae="r15", feature=1, value=1.0, when=when)
+
+
+async def live_run(engine, prompt, steering, capture, sampling=GREEDY):
+    """(updates, generated ids, prompt ids) of a live-features request; each update's rows are on `update.live`."""
+    updates = [u async for u in engine.generate(prompt, sampling, list(steering), capture, live=True)]
+    generated = [t for u in updates for o in u.outputs for t in o.token_ids]
+    return updates, generated, updates[0].prompt_token_ids
+
+
+async def test_live_features_equal_a_capture_of_the_full_text_in_a_mixed_batch(engine):
+    f15, _ = await top_feature(engine, "r15")
+    steer = [SteeringEntry(sae="r15", feature=f15, value=40.0)]
+    live_prompt = CaptureSpec(saes=["r15", "j5m"], top_k=8, features={"r15": [f15, 7]}, include_generated=True)
+    live_gen = CaptureSpec(saes=["t10"], top_k=4, include_generated=True, include_prompt=False)
+    sampling = Sampling(max_tokens=10, temperature=0.0)
+    jobs = [
+        live_run(engine, PROMPT, steer, live_prompt, sampling),
+        run(engine, "Once upon a time", steer, sampling),
+        live_run(engine, "List three prime numbers:", [], live_gen, sampling),
+        run(engine, "def fibonacci(n):", [], sampling),
+    ]
+    together = await asyncio.gather(*jobs)
+    for (updates, generated, prompt_ids), spec, steering in (
+        (together[0], live_prompt, steer),
+        (together[2], live_gen, []),
+    ):
+        # Every update carries exactly the rows of the tokens it delivers; the prompt's come first, once.
+        expected_positions = list(range(len(prompt_ids))) if spec.include_prompt else []
+        for k, u in enumerate(updates):
+            new = [t for o in u.outputs for t in o.token_ids]
+            start = len(prompt_ids) + sum(len(o.token_ids) for v in updates[:k] for o in v.outputs)
+            prompt_part = list(zip(range(len(prompt_ids)), prompt_ids)) if k == 0 and spec.include_prompt else []
+            assert [(t.position, t.token_id) for t in u.live] == prompt_part + list(
+                zip(range(start, start + len(new)), new)
+            )
+        rows = [t for u in updates for t in u.live]
+        expected_positions += list(range(len(prompt_ids), len(prompt_ids) + len(generated)))
+        assert [t.position for t in rows] == expected_positions
+        assert rows[-1].rows is None  # the last sampled token is never read by the model
+        assert [t.position for t in rows[:-1] if t.rows is None] == []
+        # The same features as reading the whole text (prompt + generated) under the same steering.
+        full = prompt_ids + generated
+        reference = await engine.activations(
+            full, CaptureSpec(saes=spec.saes, top_k=spec.top_k, features=spec.features), steering
+        )
+        for t in rows[:-1]:
+            for sid in spec.saes:
+                ref = reference.per_sae[sid]
+                r = ref["positions"].index(t.position)
+                top_i, top_v, chosen = t.rows[sid]
+                assert top_i == ref["top_indices"][r], (sid, t.position)
+                torch.testing.assert_close(
+                    torch.tensor(top_v), torch.tensor(ref["top_values"][r]), rtol=1e-3, atol=1e-3
+                )
+                torch.testing.assert_close(
+                    torch.tensor(chosen), torch.tensor(ref["feature_values"][r]), rtol=1e-3, atol=1e-3
+                )
+        # Reading features leaves the generation as it is.
+        plain, *_ = await run(
+            engine, PROMPT if spec is live_prompt else "List three prime numbers:", steering, sampling
+        )
+        assert generated == plain
+    assert together[0][0][-1].steering_report[0].status == "applied"
+
+
+async def test_bad_live_specs_fail_before_the_engine_naming_the_field(engine):
+    cases = [
+        (CaptureSpec(saes=["nope"], include_generated=True), GREEDY, "sae_features.saes[0]"),
+        (CaptureSpec(saes=["r15"], features={"r15": [99999]}, include_generated=True), GREEDY, "sae_features.features"),
+        (CaptureSpec(saes=["r15"], include_generated=True), Sampling(max_tokens=4, n=2), "n"),
+    ]
+    for capture, sampling, param in cases:
+        with pytest.raises(SpecError) as err:
+            await anext(engine.generate(PROMPT, sampling, [], capture, live=True))
+        assert err.value.param == param

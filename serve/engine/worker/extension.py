@@ -75,3 +75,11 @@ class SAEWorkerExtension:
             "capture_error": runtime.captures.pop_failure(key),
             "report": runtime.reports.pop(key),
         }
+
+    def sae_drain(self, keys: list[str]) -> dict[str, dict]:
+        """Rows encoded so far for each live-features request (one call per drain for all of them, never per
+        request): the last step's taps are encoded first, as in `sae_finish`."""
+        runtime = self._sae_runtime()
+        runtime.flush()
+        drained = {key: runtime.captures.drain(key) for key in keys}
+        return {key: rows for key, rows in drained.items() if rows}

@@ -73,6 +73,7 @@ class RequestPlan:
     capture_top_k: int = 0
     capture_features: dict[str, list[int]] = field(default_factory=dict)
     capture_generated: bool = False
+    capture_prompt: bool = True
 
     @classmethod
     def from_extra_args(
@@ -110,6 +111,7 @@ class RequestPlan:
             plan.capture_top_k = cap.top_k
             plan.capture_features = cap.features
             plan.capture_generated = cap.include_generated
+            plan.capture_prompt = cap.include_prompt
         return plan
 
 
@@ -169,6 +171,10 @@ class CaptureStore:
     def pop(self, capture_id: str) -> dict[str, dict[str, list]]:
         """Per SAE: positions, top-k indices/values and chosen features' values, one row per position."""
         self._touched.pop(capture_id, None)
+        return self.drain(capture_id)
+
+    def drain(self, capture_id: str) -> dict[str, dict[str, list]]:
+        """The rows recorded since the last drain, as `pop` gives them; the capture stays open (live features)."""
         out: dict[str, dict[str, list]] = {}
         for sae_id, chunks in self._data.pop(capture_id, {}).items():
             pos = torch.cat([c[0] for c in chunks])
@@ -611,6 +617,8 @@ class SteeringRuntime:
         rows = torch.arange(start, end)
         if not plan.capture_generated:
             rows = rows[torch.from_numpy(pos[start:end] < plan.prompt_len)]
+        if not plan.capture_prompt:
+            rows = rows[torch.from_numpy(pos[rows.numpy()] >= plan.prompt_len)]
         if rows.numel() == 0:
             return
         for sae_id in plan.capture_saes:

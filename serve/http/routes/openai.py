@@ -17,6 +17,7 @@ from serve.http.replica_client import GenerationStream
 from serve.http.routes.deps import get_ctx, require_user
 from serve.http.routes.responses import errors, json_or_sse
 from serve.protocol import (
+    ActivationToken,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -172,10 +173,12 @@ def _stream_response(
 
 
 async def _collect(stream: GenerationStream, tracker: _Tracker, n: int):
-    """Whole texts, logprobs and finish reasons of the n choices of a non-streaming request."""
+    """Whole texts, logprobs, finish reasons and live features (None where not asked) of the n choices of a
+    non-streaming request."""
     texts = [""] * n
     lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
+    features: list[list[ActivationToken] | None] = [None] * n
     try:
         async for item in stream.items():
             tracker.seen(item)
@@ -183,9 +186,11 @@ async def _collect(stream: GenerationStream, tracker: _Tracker, n: int):
                 texts[d.index] += d.text
                 lps[d.index] += d.logprobs or []
                 finish[d.index] = d.finish_reason or finish[d.index]
+                if d.features is not None:
+                    features[d.index] = (features[d.index] or []) + d.features
     finally:
         stream.close()
-    return texts, lps, finish
+    return texts, lps, finish, features
 
 
 async def _create_completion(ctx: IngressContext, req: CompletionRequest):
@@ -202,7 +207,9 @@ async def _create_completion(ctx: IngressContext, req: CompletionRequest):
     def choice(d: ChoiceDelta) -> CompletionChoice:
         lp = _completion_logprobs(d.logprobs, offsets[d.index]) if d.logprobs is not None else None
         offsets[d.index] += len(d.text)
-        return CompletionChoice(index=d.index, text=d.text, logprobs=lp, finish_reason=_finish(d.finish_reason))
+        return CompletionChoice(
+            index=d.index, text=d.text, logprobs=lp, finish_reason=_finish(d.finish_reason), features=d.features
+        )
 
     if req.stream:
 
@@ -212,13 +219,14 @@ async def _create_completion(ctx: IngressContext, req: CompletionRequest):
         usage = (lambda u: response.model_copy(update={"usage": u})) if req.include_usage() else None
         return _stream_response(stream, tracker, to_chunks, usage)
 
-    texts, lps, finish = await _collect(stream, tracker, req.n)
+    texts, lps, finish, features = await _collect(stream, tracker, req.n)
     response.choices = [
         CompletionChoice(
             index=i,
             text=texts[i],
             finish_reason=_finish(finish[i]),
             logprobs=_completion_logprobs(lps[i], 0) if req.logprobs is not None else None,
+            features=features[i],
         )
         for i in range(req.n)
     ]
@@ -252,14 +260,16 @@ async def _create_chat_completion(ctx: IngressContext, req: ChatCompletionReques
                 started.add(d.index)
                 lp = _chat_logprobs(d.logprobs) if d.logprobs is not None else None
                 delta = ChatDelta(role=role, content=d.text)
-                c = ChatChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=_finish(d.finish_reason))
+                c = ChatChunkChoice(
+                    index=d.index, delta=delta, logprobs=lp, finish_reason=_finish(d.finish_reason), features=d.features
+                )
                 chunks.append(head.model_copy(update={"choices": [c]}))
             return chunks
 
         usage = (lambda u: head.model_copy(update={"usage": u})) if req.include_usage() else None
         return _stream_response(stream, tracker, to_chunks, usage)
 
-    texts, lps, finish = await _collect(stream, tracker, req.n)
+    texts, lps, finish, features = await _collect(stream, tracker, req.n)
     response = ChatCompletion(
         model=model,
         choices=[
@@ -268,6 +278,7 @@ async def _create_chat_completion(ctx: IngressContext, req: ChatCompletionReques
                 message=ChatResponseMessage(content=texts[i]),
                 finish_reason=_finish(finish[i]),
                 logprobs=_chat_logprobs(lps[i]) if req.logprobs else None,
+                features=features[i],
             )
             for i in range(req.n)
         ],
