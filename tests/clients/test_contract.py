@@ -160,7 +160,8 @@ def test_response_body_matches(openapi, name):
 
 def test_stream_chunks_carry_the_sdk_chunk_fields(service):
     """Chunks travel as SSE, outside OpenAPI: read real ones and compare their keys with the SDK's chunk models.
-    `steering_report` is sent on the last chunk of a steered stream only."""
+    `steering_report` is sent on the last chunk of a steered stream only, a choice's `features` only with
+    `sae_features`."""
     chunk = ROUTES["chat"].chunk
     for steering in ([], [{"sae": "toy", "feature": 1, "value": 1.0}]):
         body = {
@@ -180,7 +181,8 @@ def test_stream_chunks_carry_the_sdk_chunk_fields(service):
         for event in events:
             assert set(event) | {"steering_report"} == set(chunk.model_fields)
             for choice in event["choices"]:
-                assert set(choice) == set(ChatChunkChoice.model_fields)
+                assert set(choice) | {"features"} == set(ChatChunkChoice.model_fields)
+                assert "features" not in choice
                 assert set(choice["delta"]) == set(ChatDelta.model_fields)
 
 
