@@ -19,6 +19,9 @@ def local_ray():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    if ray.is_initialized():  # the test session's cluster (the service's): share it, and leave it running
+        yield
+        return
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()
