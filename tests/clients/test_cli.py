@@ -59,6 +59,22 @@ def test_activations_table_has_one_row_per_token_with_features(env, capsys):
     assert code == 0 and len(json.loads(out)["tokens"]) == 5
 
 
+def test_chat_with_features_prints_a_line_per_token_then_the_answer(env, capsys):
+    args = ["chat", "What is the capital of France?", "--max-tokens", "6"]
+    _, plain, _ = run(capsys, *args)
+    code, out, _ = run(capsys, *args, "--features", "toy:1,2", "--features-top-k", "3")
+    assert code == 0
+    *lines, answer = out.rstrip("\n").split("\n")
+    assert answer + "\n" == plain
+    assert len(lines) == 6 and all("*" in line for line in lines)  # six generated tokens, no prompt
+    for line in lines[:-1]:
+        top, chosen = line.split("toy: ")[1].split(" | ")
+        assert top.count("=") == 3 and chosen.startswith("1=") and " 2=" in chosen
+    assert lines[-1].endswith("-")  # the last token is never read by the model
+    code, out, _ = run(capsys, *args, "--features", "toy", "--features-prompt")
+    assert code == 0 and len(out.rstrip("\n").split("\n")) > 7
+
+
 def test_saes_and_features(env, capsys):
     code, out, _ = run(capsys, "saes")
     assert code == 0 and out.split("\n")[1].split()[:5] == ["toy", "blocks.10.resid_post", "relu", "576", "256"]

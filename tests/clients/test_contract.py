@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from clients.calls import ROUTES, Route
-from clients.response_models import ChatChunkChoice, ChatDelta
+from clients.response_models import ActivationToken, ChatChunkChoice, ChatDelta
 
 # JSON-schema keys that document or constrain values but do not change what a field is.
 _IGNORED = {
@@ -160,10 +160,14 @@ def test_response_body_matches(openapi, name):
 
 def test_stream_chunks_carry_the_sdk_chunk_fields(service):
     """Chunks travel as SSE, outside OpenAPI: read real ones and compare their keys with the SDK's chunk models.
-    `steering_report` is sent on the last chunk of a steered stream only, a choice's `features` only with
-    `sae_features`."""
+    `steering_report` is sent on the last chunk of a steered stream only, a choice's `features` with live features
+    only."""
     chunk = ROUTES["chat"].chunk
-    for steering in ([], [{"sae": "toy", "feature": 1, "value": 1.0}]):
+    for steering, live in (
+        ([], None),
+        ([{"sae": "toy", "feature": 1, "value": 1.0}], None),
+        ([], {"saes": ["toy"], "top_k": 2}),
+    ):
         body = {
             "model": service.model,
             "messages": [{"role": "user", "content": "Hi"}],
@@ -171,6 +175,7 @@ def test_stream_chunks_carry_the_sdk_chunk_fields(service):
             "stream": True,
             "stream_options": {"include_usage": True},
             "steering": steering,
+            **({"sae_features": live} if live else {}),
         }
         with service.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
             events = [json.loads(line[len("data: ") :]) for line in r.iter_lines() if line.startswith("data: {")]
@@ -181,9 +186,11 @@ def test_stream_chunks_carry_the_sdk_chunk_fields(service):
         for event in events:
             assert set(event) | {"steering_report"} == set(chunk.model_fields)
             for choice in event["choices"]:
+                assert ("features" in choice) == bool(live)
                 assert set(choice) | {"features"} == set(ChatChunkChoice.model_fields)
-                assert "features" not in choice
                 assert set(choice["delta"]) == set(ChatDelta.model_fields)
+                for token in choice.get("features", []):
+                    ActivationToken.model_validate(token)
 
 
 def test_the_shape_check_catches_a_renamed_field(openapi):
